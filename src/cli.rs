@@ -1,0 +1,161 @@
+//! Command-line parsing: raw arguments and `SHARDCAST_*` variables become a validated
+//! [`Config`] in one step. Running the server lives in `server.rs`, not here.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use crate::config::{Config, parse_duration, parse_size};
+
+/// A WebSocket broadcast relay: what is published to a topic reaches every subscriber.
+#[derive(Debug, Parser)]
+#[command(name = "shardcast", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags for `serve`, which runs when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve WebSocket subscribers and HTTP publishers (the default).
+    Serve(ServeArgs),
+}
+
+/// Flags of `shardcast serve`. Each also reads the `SHARDCAST_*` variable named in its help.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to bind.
+    #[arg(long, env = "SHARDCAST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Number of hub shards [default: number of cores].
+    #[arg(long, env = "SHARDCAST_SHARDS", value_parser = clap::value_parser!(u16).range(1..=crate::config::MAX_SHARDS as i64))]
+    pub shards: Option<u16>,
+    /// The server pings each client this often.
+    #[arg(long, env = "SHARDCAST_PING_INTERVAL", default_value = "20s", value_parser = positive_duration)]
+    pub ping_interval: Duration,
+    /// A client that has not answered a ping within this time is disconnected.
+    #[arg(long, env = "SHARDCAST_PONG_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub pong_timeout: Duration,
+    /// Largest message accepted from a client, after reassembling fragments.
+    #[arg(long, env = "SHARDCAST_MAX_MESSAGE_BYTES", default_value = "65536", value_parser = positive_size)]
+    pub max_message_bytes: usize,
+    /// Per-client outbound budget; a client whose queue would pass it is dropped as a slow consumer.
+    #[arg(long, env = "SHARDCAST_SEND_QUEUE_BYTES", default_value = "1MiB", value_parser = positive_size)]
+    pub send_queue_bytes: usize,
+    /// A socket write that makes no progress for this long drops the client.
+    #[arg(long, env = "SHARDCAST_WRITE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub write_timeout: Duration,
+    /// Above this many WebSocket connections, new upgrades get HTTP 503.
+    #[arg(long, env = "SHARDCAST_MAX_CONNECTIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// Whether client messages are published (false: server-side publish only).
+    #[arg(long, env = "SHARDCAST_CLIENT_PUBLISH", default_value_t = true, action = ArgAction::Set)]
+    pub client_publish: bool,
+    /// On SIGINT/SIGTERM, how long to wait for close frames to flush.
+    #[arg(long, env = "SHARDCAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        Err("must be greater than zero".into())
+    } else {
+        Ok(d)
+    }
+}
+
+fn positive_size(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if n == 0 {
+        Err("must be greater than zero".into())
+    } else {
+        Ok(n)
+    }
+}
+
+impl ServeArgs {
+    /// Turns parsed flags into a validated configuration.
+    pub fn into_config(self) -> Result<Config, crate::Error> {
+        let config = Config {
+            listen: self.listen,
+            shards: self
+                .shards
+                .map_or_else(crate::config::default_shards, usize::from),
+            ping_interval: self.ping_interval,
+            pong_timeout: self.pong_timeout,
+            max_message_bytes: self.max_message_bytes,
+            send_queue_bytes: self.send_queue_bytes,
+            write_timeout: self.write_timeout,
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            client_publish: self.client_publish,
+            drain_timeout: self.drain_timeout,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(std::iter::once("shardcast").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let serve = match cli.command {
+            Some(Command::Serve(s)) => s,
+            None => cli.serve,
+        };
+        serve.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn no_arguments_gives_the_embedded_defaults() {
+        // Environment variables could leak in from the shell running the tests; clap reads them.
+        if std::env::vars().any(|(k, _)| k.starts_with("SHARDCAST_")) {
+            return;
+        }
+        assert_eq!(parse(&[]).unwrap(), Config::default());
+        assert_eq!(parse(&["serve"]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn flags_parse_units() {
+        let c = parse(&[
+            "serve",
+            "--ping-interval",
+            "250ms",
+            "--send-queue-bytes",
+            "2MiB",
+            "--client-publish",
+            "false",
+        ])
+        .unwrap();
+        assert_eq!(c.ping_interval, Duration::from_millis(250));
+        assert_eq!(c.send_queue_bytes, 2 << 20);
+        assert!(!c.client_publish);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_named() {
+        for args in [
+            &["--ping-interval", "soon"][..],
+            &["--shards", "0"],
+            &["--max-message-bytes", "0"],
+            &["--listen", "nowhere"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(args[0]), "{err}");
+        }
+        assert!(
+            parse(&["--send-queue-bytes", "1KiB"])
+                .unwrap_err()
+                .contains("--send-queue-bytes")
+        );
+    }
+}

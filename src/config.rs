@@ -1,0 +1,150 @@
+//! The validated server configuration and the parsers for its duration and size values.
+//!
+//! Command-line and environment handling live in `cli.rs`; this file only knows what a valid
+//! configuration is.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::Error;
+
+/// Everything `run` needs. Build it with [`Config::default`] and adjust, or from the CLI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Address to bind (used by the binary; `run` takes an already bound listener).
+    pub listen: SocketAddr,
+    /// Number of hub shards (tasks). 1 to [`MAX_SHARDS`].
+    pub shards: usize,
+    /// The server pings each client this often.
+    pub ping_interval: Duration,
+    /// A client that has not answered a ping within this time is disconnected (close 4012).
+    pub pong_timeout: Duration,
+    /// Largest message accepted from a client, after reassembling fragments.
+    pub max_message_bytes: usize,
+    /// Per-client outbound budget; a client whose queue would pass it is a slow consumer.
+    pub send_queue_bytes: usize,
+    /// A socket write that makes no progress for this long drops the client.
+    pub write_timeout: Duration,
+    /// Above this many WebSocket connections, new upgrades get HTTP 503.
+    pub max_connections: usize,
+    /// Whether messages from clients are published.
+    pub client_publish: bool,
+    /// On shutdown, how long to wait for close frames to flush.
+    pub drain_timeout: Duration,
+}
+
+/// Upper bound on `--shards`; the topic registry keeps a fixed-size shard bitset.
+pub const MAX_SHARDS: usize = 256;
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: default_shards(),
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(10),
+            max_message_bytes: 65536,
+            send_queue_bytes: 1 << 20,
+            write_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+            client_publish: true,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The number of cores, or 1 if it cannot be read.
+pub fn default_shards() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_SHARDS)
+}
+
+impl Config {
+    /// Checks the relations between fields that single-value parsing cannot see.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if self.shards == 0 || self.shards > MAX_SHARDS {
+            return bad(format!(
+                "--shards must be between 1 and {MAX_SHARDS}, got {}",
+                self.shards
+            ));
+        }
+        for (name, d) in [
+            ("--ping-interval", self.ping_interval),
+            ("--pong-timeout", self.pong_timeout),
+            ("--write-timeout", self.write_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(format!("{name} must be greater than zero"));
+            }
+        }
+        if self.max_message_bytes == 0 {
+            return bad("--max-message-bytes must be greater than zero".into());
+        }
+        if self.max_connections == 0 {
+            return bad("--max-connections must be greater than zero".into());
+        }
+        let largest_frame =
+            self.max_message_bytes + crate::frame::header_len(self.max_message_bytes);
+        if self.send_queue_bytes < largest_frame {
+            return bad(format!(
+                "--send-queue-bytes ({}) must hold at least one largest message ({largest_frame} bytes with its header)",
+                self.send_queue_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `250ms`, `20s`, `1m` and the other forms `humantime` accepts.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} (try 250ms, 20s or 1m): {e}"))
+}
+
+/// Parses plain bytes (`65536`) or sizes with a unit (`64KiB`, `1MiB`).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let size: bytesize::ByteSize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("invalid size {s:?} (try 65536, 64KiB or 1MiB): {e}"))?;
+    usize::try_from(size.as_u64()).map_err(|_| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bad_relations_are_refused() {
+        Config::default().validate().unwrap();
+        let c = Config {
+            send_queue_bytes: 1000,
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--send-queue-bytes")
+        );
+        let c = Config {
+            shards: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

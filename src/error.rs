@@ -1,0 +1,20 @@
+//! The library's error type. Expected outcomes (a slow client, a full queue, a refused topic)
+//! are not errors and do not live here.
+
+use std::net::SocketAddr;
+
+/// Errors that stop the server or refuse its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("failed to bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("failed to read the listener's address: {0}")]
+    LocalAddr(std::io::Error),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}

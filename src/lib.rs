@@ -1,0 +1,37 @@
+//! shardcast: a WebSocket broadcast relay. A message published to a topic, by a client or
+//! over HTTP, reaches every subscriber of that topic.
+//!
+//! The components, in the order a message meets them:
+//! - `server`: the accept loop and the lifecycle ([`run`], [`Server`]).
+//! - `http`: routing, upgrade checks, `POST /publish/{topic}`.
+//! - `conn` and `reader`: a connection's reader task and its buffer-free frame parser.
+//! - `relay`: the one publish function and the topic interest registry ([`Relay`]).
+//! - `frame`: encodes each published frame once.
+//! - `shard`: hub shards that own clients, fan out, write, and run heartbeats.
+//! - `wheel`: the timer wheel each shard drives.
+//! - `config` and `cli`: the validated [`Config`] and the command line that builds it.
+//!
+//! See `docs/ARCHITECTURE.md` for the invariants that hold these together.
+
+pub mod cli;
+mod config;
+mod conn;
+mod disconnect;
+mod error;
+pub mod frame;
+mod http;
+pub mod reader;
+mod relay;
+mod server;
+mod shard;
+mod topic;
+mod wheel;
+
+pub use config::{Config, MAX_SHARDS, parse_duration, parse_size};
+pub use disconnect::{DisconnectCounts, DisconnectReason};
+pub use error::Error;
+pub use frame::Opcode;
+pub use relay::{Relay, Stats};
+pub use server::{Server, run};
+pub use topic::{MAX_TOPIC_LEN, Topic, TopicError};
+pub use wheel::TimerWheel;

@@ -1,0 +1,235 @@
+//! The shared relay state: the one publish function, the topic interest registry, and the
+//! handle embedders and tests use. The per-shard client state lives in `shard.rs`, not here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::config::{Config, MAX_SHARDS};
+use crate::frame::{self, Opcode};
+use crate::shard::{ShardMsg, ShardStats};
+use crate::{Error, Topic};
+
+/// A set of shard indexes, one bit each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ShardSet([u64; MAX_SHARDS / 64]);
+
+impl ShardSet {
+    pub(crate) fn insert(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    pub(crate) fn remove(&mut self, i: usize) {
+        self.0[i / 64] &= !(1 << (i % 64));
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+    pub(crate) fn iter(self) -> impl Iterator<Item = usize> {
+        (0..MAX_SHARDS).filter(move |i| self.0[i / 64] & (1 << (i % 64)) != 0)
+    }
+}
+
+/// State shared by the accept loop, the HTTP handlers, the readers and the shards.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    /// One bounded inbox per shard. Sending awaits when a shard is behind, which pushes back
+    /// on the publisher (its socket stops being read) instead of buffering without limit.
+    pub(crate) shards: Vec<mpsc::Sender<ShardMsg>>,
+    /// Which shards have at least one subscriber of a topic.
+    ///
+    /// Invariant: bit `i` of a topic's set is written only by shard `i`, synchronously while
+    /// it handles a subscribe (set on its first local subscriber) or an unsubscribe (cleared
+    /// on its last). A topic with no bits set has no entry. Publish reads it once per message,
+    /// never per delivery.
+    pub(crate) interest: DashMap<Topic, ShardSet>,
+    /// Round-robin cursor for spreading new connections over shards.
+    next_shard: AtomicUsize,
+    /// Source of connection ids; ids are never reused, so a stale message cannot hit a new
+    /// client that took over a slab slot.
+    next_conn_id: AtomicU64,
+    /// One permit per WebSocket connection, held by the shard until the client is freed.
+    permits: Arc<Semaphore>,
+    /// Set once shutdown starts; new upgrades and publishes are refused from then on.
+    pub(crate) shutting_down: AtomicBool,
+}
+
+/// A cheap, cloneable handle on a running relay: publish server-side and read counters.
+#[derive(Clone)]
+pub struct Relay {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// A connection's place on its shard, returned by [`Relay::reserve`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slot {
+    pub(crate) shard: usize,
+    pub(crate) key: usize,
+    pub(crate) id: u64,
+}
+
+/// Counters summed over every shard at the moment of asking.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// WebSocket clients currently held by shards (including those still closing).
+    pub connections: usize,
+    /// Bytes queued for clients and not yet taken by the kernel.
+    pub queued_bytes: usize,
+    /// The most bytes any single client ever had queued.
+    pub peak_client_queued_bytes: usize,
+    /// Frames pushed onto client queues.
+    pub deliveries: u64,
+    /// Disconnects, by reason.
+    pub disconnects: crate::DisconnectCounts,
+}
+
+impl Relay {
+    pub(crate) fn new(config: Config, shards: Vec<mpsc::Sender<ShardMsg>>) -> Self {
+        let permits = Arc::new(Semaphore::new(
+            config.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                shards,
+                interest: DashMap::new(),
+                next_shard: AtomicUsize::new(0),
+                next_conn_id: AtomicU64::new(1),
+                permits,
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Publishes `payload` to every subscriber of `topic`. This is the single publish function
+    /// every source goes through: the frame is encoded once here and each shard that has a
+    /// subscriber receives a refcounted clone of it.
+    ///
+    /// Returns the number of shards the message was queued to. Messages published by one task
+    /// reach each subscriber in the order of the calls.
+    pub async fn publish(
+        &self,
+        topic: &Topic,
+        opcode: Opcode,
+        payload: &[u8],
+    ) -> Result<usize, Error> {
+        if self.shared.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        // Copy the set out: no dashmap guard may be held across an await.
+        let Some(set) = self.shared.interest.get(topic).map(|s| *s) else {
+            return Ok(0);
+        };
+        let frame = frame::encode(opcode, payload);
+        let mut queued = 0;
+        for i in set.iter() {
+            let msg = ShardMsg::Publish {
+                topic: topic.clone(),
+                frame: Bytes::clone(&frame),
+            };
+            if self.shared.shards[i].send(msg).await.is_err() {
+                return Err(Error::ShuttingDown);
+            }
+            queued += 1;
+        }
+        Ok(queued)
+    }
+
+    /// Takes a connection permit, or `None` when `max_connections` are open.
+    pub(crate) fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.shared.permits).try_acquire_owned().ok()
+    }
+
+    /// Places a new connection on a shard and subscribes it to `topics` before returning, so
+    /// every message published after the handshake response reaches it.
+    pub(crate) async fn reserve(
+        &self,
+        topics: Box<[Topic]>,
+        conn: Arc<crate::shard::ConnShared>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Slot, Error> {
+        if self.shared.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let shard =
+            self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % self.shared.shards.len();
+        let id = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        let msg = ShardMsg::Reserve {
+            id,
+            topics,
+            conn,
+            permit,
+            reply,
+        };
+        self.shared.shards[shard]
+            .send(msg)
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        let key = rx.await.map_err(|_| Error::ShuttingDown)?;
+        Ok(Slot { shard, key, id })
+    }
+
+    /// Sends a connection's message to its shard. Fails only once the shard has stopped.
+    pub(crate) async fn to_shard(&self, shard: usize, msg: ShardMsg) -> Result<(), Error> {
+        self.shared.shards[shard]
+            .send(msg)
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Sums the counters of every shard. Shards that have stopped are left out.
+    pub async fn stats(&self) -> Stats {
+        let mut total = Stats::default();
+        for tx in &self.shared.shards {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(ShardMsg::Stats(reply)).await.is_err() {
+                continue;
+            }
+            if let Ok(s) = rx.await {
+                let ShardStats {
+                    connections,
+                    queued_bytes,
+                    peak_client_queued_bytes,
+                    deliveries,
+                    disconnects,
+                } = s;
+                total.connections += connections;
+                total.queued_bytes += queued_bytes;
+                total.peak_client_queued_bytes =
+                    total.peak_client_queued_bytes.max(peak_client_queued_bytes);
+                total.deliveries += deliveries;
+                total.disconnects.add(&disconnects);
+            }
+        }
+        total
+    }
+
+    /// Number of topics with at least one subscriber anywhere.
+    pub fn topics(&self) -> usize {
+        self.shared.interest.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_set_round_trips() {
+        let mut s = ShardSet::default();
+        assert!(s.is_empty());
+        for i in [0, 63, 64, 255] {
+            s.insert(i);
+        }
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 63, 64, 255]);
+        s.remove(63);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 64, 255]);
+    }
+}

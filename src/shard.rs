@@ -1,0 +1,788 @@
+//! A hub shard: the task that alone owns a share of the clients, their send queues, its
+//! `topic -> clients` index and its timer wheel. Reading client sockets lives in `conn.rs`;
+//! choosing shards and encoding frames live in `relay.rs` and `frame.rs`.
+//!
+//! The shard never awaits a socket. It writes with non-blocking vectored writes (one syscall
+//! per client per batch of inbox messages) and, when the kernel buffer is full, parks a
+//! readiness future for that client and moves on.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use indexmap::IndexSet;
+use slab::Slab;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::frame::{self, close_code};
+use crate::relay::Relay;
+use crate::wheel::TimerWheel;
+use crate::{DisconnectCounts, DisconnectReason, Topic};
+
+/// Inbox messages a shard handles before it flushes the clients they touched.
+const BATCH: usize = 256;
+/// Most frames handed to one `writev`.
+const MAX_IOV: usize = 64;
+/// How long a close frame may take to flush after a slow-consumer, pong-timeout or
+/// protocol-error close before the socket is closed anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Capacity of each shard's inbox.
+pub(crate) const INBOX: usize = 1024;
+
+/// State a connection's reader and its shard both touch.
+#[derive(Debug, Default)]
+pub struct ConnShared {
+    /// Set by the reader on every read that returned bytes; cleared by the shard when it sends
+    /// a heartbeat ping. Still clear at the pong deadline means the client is gone.
+    pub(crate) alive: AtomicBool,
+    /// Set by the shard once it starts closing the connection; the reader then publishes
+    /// nothing more.
+    pub(crate) closing: AtomicBool,
+}
+
+/// Messages a shard receives. Connection messages carry `(key, id)`; a message whose id does
+/// not match the client in that slot is stale and ignored.
+pub(crate) enum ShardMsg {
+    Publish {
+        topic: Topic,
+        frame: Bytes,
+    },
+    Reserve {
+        id: u64,
+        topics: Box<[Topic]>,
+        conn: Arc<ConnShared>,
+        permit: OwnedSemaphorePermit,
+        reply: oneshot::Sender<usize>,
+    },
+    Attach {
+        key: usize,
+        id: u64,
+        stream: Arc<TcpStream>,
+    },
+    /// A control reply (pong) for the client.
+    Control {
+        key: usize,
+        id: u64,
+        frame: Bytes,
+    },
+    /// Close the client with this code: a protocol error, or the echo of the client's close.
+    Close {
+        key: usize,
+        id: u64,
+        code: u16,
+        reason: &'static str,
+        why: DisconnectReason,
+    },
+    /// The client's reader has stopped.
+    Gone {
+        key: usize,
+        id: u64,
+    },
+    Stats(oneshot::Sender<ShardStats>),
+    Shutdown,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ShardStats {
+    pub(crate) connections: usize,
+    pub(crate) queued_bytes: usize,
+    pub(crate) peak_client_queued_bytes: usize,
+    pub(crate) deliveries: u64,
+    pub(crate) disconnects: DisconnectCounts,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum TimerKind {
+    /// Send a heartbeat ping.
+    Ping,
+    /// The pong deadline of the last ping.
+    PongDeadline,
+    /// Check whether a blocked write has made progress.
+    WriteCheck,
+    /// A close has had its time; free the client.
+    CloseDeadline,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timer {
+    key: usize,
+    id: u64,
+    kind: TimerKind,
+}
+
+enum Phase {
+    Open,
+    /// A close frame is queued. The client is out of every topic.
+    Closing {
+        why: DisconnectReason,
+        reader_gone: bool,
+        write_shut: bool,
+    },
+}
+
+/// One client as its shard sees it.
+///
+/// Invariants: `queued` is the sum of the lengths of `queue`'s frames; `queued` never exceeds
+/// the send budget except by the close frame queued when a close starts; `head_partial` is true
+/// only while the front frame has been partly written.
+struct Client {
+    id: u64,
+    /// `None` until the HTTP upgrade completes; frames queue up meanwhile.
+    stream: Option<Arc<TcpStream>>,
+    conn: Arc<ConnShared>,
+    topics: Box<[Topic]>,
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    head_partial: bool,
+    /// Already in the shard's dirty list.
+    dirty: bool,
+    /// Over budget during the current batch; dropped as a slow consumer after it.
+    doomed: bool,
+    /// A writable-readiness future is parked for this client.
+    waiting_writable: bool,
+    /// Tick of the last write progress while bytes were waiting, if a write check is pending.
+    stalled_since: Option<u64>,
+    phase: Phase,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum Flush {
+    Drained,
+    Blocked,
+}
+
+impl Client {
+    /// Writes as much of the queue as the kernel takes, `MAX_IOV` frames per syscall.
+    fn write_some(&mut self) -> io::Result<Flush> {
+        let Some(stream) = self.stream.as_ref() else {
+            return Ok(Flush::Blocked);
+        };
+        while !self.queue.is_empty() {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for (slot, frame) in iov.iter_mut().zip(self.queue.iter()) {
+                *slot = IoSlice::new(frame);
+                n += 1;
+            }
+            let mut written = match stream.try_write_vectored(&iov[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
+                Err(e) => return Err(e),
+            };
+            self.queued -= written;
+            while written > 0 {
+                // The kernel never reports more bytes than the slices held.
+                let Some(front) = self.queue.front_mut() else {
+                    break;
+                };
+                if front.len() <= written {
+                    written -= front.len();
+                    self.queue.pop_front();
+                    self.head_partial = false;
+                } else {
+                    front.advance(written);
+                    self.head_partial = true;
+                    written = 0;
+                }
+            }
+        }
+        if self.queue.capacity() > 64 {
+            // Hand back a burst's worth of slots: idle clients hold no large buffers.
+            self.queue = VecDeque::new();
+        }
+        Ok(Flush::Drained)
+    }
+
+    fn push(&mut self, frame: Bytes) {
+        self.queued += frame.len();
+        self.queue.push_back(frame);
+    }
+
+    fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open)
+    }
+}
+
+type Waiter = Pin<Box<dyn Future<Output = (usize, u64)> + Send>>;
+
+pub(crate) struct Shard {
+    index: usize,
+    relay: Relay,
+    clients: Slab<Client>,
+    /// Local subscribers of each topic (slab keys). Invariant: a topic has an entry iff the set
+    /// is non-empty, iff this shard's bit is set in the relay's interest registry.
+    topics: HashMap<Topic, IndexSet<usize>>,
+    wheel: TimerWheel<Timer>,
+    fired: Vec<Timer>,
+    writable: FuturesUnordered<Waiter>,
+    dirty: Vec<usize>,
+    doomed: Vec<usize>,
+    start: Instant,
+    tick: Duration,
+    budget: usize,
+    draining: bool,
+    inbox_closed: bool,
+    peak_client_queued: usize,
+    deliveries: u64,
+    disconnects: DisconnectCounts,
+}
+
+impl Shard {
+    pub(crate) fn new(index: usize, relay: Relay) -> Self {
+        let c = relay.config();
+        let shortest = c
+            .ping_interval
+            .min(c.pong_timeout)
+            .min(c.write_timeout)
+            .min(CLOSE_GRACE);
+        let tick = (shortest / 8).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        let budget = c.send_queue_bytes;
+        Self {
+            index,
+            relay,
+            clients: Slab::new(),
+            topics: HashMap::new(),
+            wheel: TimerWheel::new(1024),
+            fired: Vec::new(),
+            writable: FuturesUnordered::new(),
+            dirty: Vec::new(),
+            doomed: Vec::new(),
+            start: Instant::now(),
+            tick,
+            budget,
+            draining: false,
+            inbox_closed: false,
+            peak_client_queued: 0,
+            deliveries: 0,
+            disconnects: DisconnectCounts::default(),
+        }
+    }
+
+    /// Runs until shutdown has closed every client (or the drain deadline freed them).
+    pub(crate) async fn run(mut self, mut inbox: mpsc::Receiver<ShardMsg>) {
+        let mut interval = tokio::time::interval(self.tick);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            if self.draining && self.clients.is_empty() {
+                break;
+            }
+            tokio::select! {
+                msg = inbox.recv(), if !self.inbox_closed => {
+                    let Some(msg) = msg else {
+                        self.inbox_closed = true;
+                        self.shutdown();
+                        continue;
+                    };
+                    self.handle(msg);
+                    for _ in 1..BATCH {
+                        match inbox.try_recv() {
+                            Ok(msg) => self.handle(msg),
+                            Err(_) => break,
+                        }
+                    }
+                    self.end_batch();
+                }
+                Some((key, id)) = self.writable.next(), if !self.writable.is_empty() => {
+                    if let Some(c) = self.client_mut(key, id) {
+                        c.waiting_writable = false;
+                        self.flush(key);
+                    }
+                }
+                _ = interval.tick() => self.on_tick(),
+            }
+        }
+        tracing::debug!(shard = self.index, "shard stopped");
+    }
+
+    fn now_tick(&self) -> u64 {
+        (self.start.elapsed().as_nanos() / self.tick.as_nanos().max(1)) as u64
+    }
+
+    fn ticks(&self, d: Duration) -> u64 {
+        (d.as_nanos().div_ceil(self.tick.as_nanos().max(1))) as u64
+    }
+
+    fn client_mut(&mut self, key: usize, id: u64) -> Option<&mut Client> {
+        self.clients.get_mut(key).filter(|c| c.id == id)
+    }
+
+    fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Publish { topic, frame } => self.fan_out(&topic, &frame),
+            ShardMsg::Reserve {
+                id,
+                topics,
+                conn,
+                permit,
+                reply,
+            } => {
+                if self.draining {
+                    return; // dropping `reply` tells the handler to answer 503
+                }
+                let key = self.clients.insert(Client {
+                    id,
+                    stream: None,
+                    conn,
+                    topics: topics.clone(),
+                    queue: VecDeque::new(),
+                    queued: 0,
+                    head_partial: false,
+                    dirty: false,
+                    doomed: false,
+                    waiting_writable: false,
+                    stalled_since: None,
+                    phase: Phase::Open,
+                    _permit: permit,
+                });
+                for topic in topics.iter() {
+                    self.subscribe(topic, key);
+                }
+                if reply.send(key).is_err() {
+                    // The handshake was abandoned before it finished.
+                    self.finalize(key, DisconnectReason::ClientClose);
+                }
+            }
+            ShardMsg::Attach { key, id, stream } => {
+                let now = self.now_tick();
+                let ping_at = now + self.ticks(self.relay.config().ping_interval);
+                let Some(c) = self.client_mut(key, id) else {
+                    return;
+                };
+                c.stream = Some(stream);
+                let open = c.is_open();
+                if open {
+                    self.wheel.schedule(
+                        ping_at,
+                        Timer {
+                            key,
+                            id,
+                            kind: TimerKind::Ping,
+                        },
+                    );
+                }
+                self.mark_dirty(key);
+            }
+            ShardMsg::Control { key, id, frame } => {
+                if self.client_mut(key, id).is_some_and(|c| c.is_open()) {
+                    self.enqueue_control(key, frame);
+                }
+            }
+            ShardMsg::Close {
+                key,
+                id,
+                code,
+                reason,
+                why,
+            } => {
+                if self.client_mut(key, id).is_some() {
+                    self.begin_close(key, code, reason, why, CLOSE_GRACE);
+                }
+            }
+            ShardMsg::Gone { key, id } => {
+                let Some(c) = self.client_mut(key, id) else {
+                    return;
+                };
+                let free_now = match &mut c.phase {
+                    Phase::Open => Some(DisconnectReason::ClientClose),
+                    Phase::Closing {
+                        why, reader_gone, ..
+                    } => {
+                        *reader_gone = true;
+                        (c.queue.is_empty() || c.stream.is_none()).then_some(*why)
+                    }
+                };
+                if let Some(why) = free_now {
+                    self.finalize(key, why);
+                }
+            }
+            ShardMsg::Stats(reply) => {
+                let _ = reply.send(ShardStats {
+                    connections: self.clients.len(),
+                    queued_bytes: self.clients.iter().map(|(_, c)| c.queued).sum(),
+                    peak_client_queued_bytes: self.peak_client_queued,
+                    deliveries: self.deliveries,
+                    disconnects: self.disconnects.clone(),
+                });
+            }
+            ShardMsg::Shutdown => self.shutdown(),
+        }
+    }
+
+    /// Pushes one encoded frame onto the queue of every local subscriber of `topic`.
+    /// Per subscriber: a refcount increment and a queue slot. No copy, no lock, no syscall.
+    fn fan_out(&mut self, topic: &Topic, frame: &Bytes) {
+        let Some(subs) = self.topics.get(topic) else {
+            return;
+        };
+        let len = frame.len();
+        for &key in subs {
+            let c = &mut self.clients[key];
+            if c.doomed {
+                continue;
+            }
+            if c.queued + len > self.budget {
+                // Give the kernel a chance first: a fast client in a burst is not slow.
+                if c.write_some().is_err() || c.queued + len > self.budget {
+                    c.doomed = true;
+                    self.doomed.push(key);
+                    continue;
+                }
+            }
+            c.push(Bytes::clone(frame));
+            self.peak_client_queued = self.peak_client_queued.max(c.queued);
+            self.deliveries += 1;
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    /// Queues a ping or pong. Control frames count against the budget like any other.
+    fn enqueue_control(&mut self, key: usize, frame: Bytes) {
+        let c = &mut self.clients[key];
+        if c.queued + frame.len() > self.budget {
+            self.doom(key);
+        } else {
+            c.push(frame);
+            self.mark_dirty(key);
+        }
+    }
+
+    fn mark_dirty(&mut self, key: usize) {
+        let c = &mut self.clients[key];
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(key);
+        }
+    }
+
+    fn doom(&mut self, key: usize) {
+        let c = &mut self.clients[key];
+        if !c.doomed {
+            c.doomed = true;
+            self.doomed.push(key);
+        }
+    }
+
+    /// After a batch: drop the slow consumers it found, then flush every client it touched.
+    fn end_batch(&mut self) {
+        while let Some(key) = self.doomed.pop() {
+            if self.clients.contains(key) {
+                self.clients[key].doomed = false;
+                tracing::debug!(shard = self.index, key, "dropping slow consumer");
+                self.begin_close(
+                    key,
+                    close_code::SLOW_CONSUMER,
+                    "slow consumer",
+                    DisconnectReason::SlowConsumer,
+                    CLOSE_GRACE,
+                );
+            }
+        }
+        while let Some(key) = self.dirty.pop() {
+            if let Some(c) = self.clients.get_mut(key) {
+                c.dirty = false;
+                self.flush(key);
+            }
+        }
+    }
+
+    /// Writes what the client has queued; parks a readiness future if the kernel is full.
+    fn flush(&mut self, key: usize) {
+        let now = self.now_tick();
+        let write_timeout = self.ticks(self.relay.config().write_timeout);
+        let c = &mut self.clients[key];
+        if c.stream.is_none() {
+            return;
+        }
+        let before = c.queued;
+        match c.write_some() {
+            Ok(Flush::Drained) => {
+                c.stalled_since = None;
+                if !c.is_open() {
+                    self.close_progress(key);
+                }
+            }
+            Ok(Flush::Blocked) => {
+                let id = c.id;
+                let first_stall = c.stalled_since.is_none();
+                if first_stall || c.queued < before {
+                    c.stalled_since = Some(now);
+                }
+                if first_stall {
+                    self.wheel.schedule(
+                        now + write_timeout,
+                        Timer {
+                            key,
+                            id,
+                            kind: TimerKind::WriteCheck,
+                        },
+                    );
+                }
+                if !c.waiting_writable {
+                    c.waiting_writable = true;
+                    // `stream` is Some: checked above.
+                    let stream = c.stream.clone();
+                    self.writable.push(Box::pin(async move {
+                        if let Some(s) = stream {
+                            let _ = s.writable().await;
+                        }
+                        (key, id)
+                    }));
+                }
+            }
+            Err(e) => {
+                tracing::debug!(shard = self.index, key, error = %e, "write failed");
+                let why = if c.is_open() {
+                    DisconnectReason::ClientClose
+                } else {
+                    closing_reason(c)
+                };
+                self.finalize(key, why);
+            }
+        }
+    }
+
+    /// Starts closing a client: out of every topic, queue the close frame, and give it `grace`
+    /// to flush. A slow consumer's backlog is discarded first (except a half-written frame,
+    /// which must be finished for the close frame to be readable).
+    fn begin_close(
+        &mut self,
+        key: usize,
+        code: u16,
+        reason: &str,
+        why: DisconnectReason,
+        grace: Duration,
+    ) {
+        let deadline = self.now_tick() + self.ticks(grace);
+        let c = &mut self.clients[key];
+        if !c.is_open() {
+            return;
+        }
+        c.conn.closing.store(true, Ordering::Release);
+        c.phase = Phase::Closing {
+            why,
+            reader_gone: false,
+            write_shut: false,
+        };
+        if why == DisconnectReason::SlowConsumer {
+            let keep = usize::from(c.head_partial);
+            c.queue.truncate(keep);
+            c.queued = c.queue.iter().map(Bytes::len).sum();
+        }
+        let id = c.id;
+        let attached = c.stream.is_some();
+        c.push(frame::close(code, reason));
+        let topics = c.topics.clone();
+        for topic in topics.iter() {
+            self.unsubscribe(topic, key);
+        }
+        if !attached {
+            self.finalize(key, why);
+            return;
+        }
+        self.wheel.schedule(
+            deadline,
+            Timer {
+                key,
+                id,
+                kind: TimerKind::CloseDeadline,
+            },
+        );
+        // Every caller ends its batch with `end_batch`, which flushes dirty clients.
+        self.mark_dirty(key);
+    }
+
+    /// Called when a closing client's queue (ending in the close frame) has been written.
+    fn close_progress(&mut self, key: usize) {
+        let c = &mut self.clients[key];
+        let Phase::Closing {
+            why,
+            reader_gone,
+            write_shut,
+        } = &mut c.phase
+        else {
+            return;
+        };
+        if *reader_gone {
+            let why = *why;
+            self.finalize(key, why);
+            return;
+        }
+        if !*write_shut {
+            *write_shut = true;
+            if let Some(s) = &c.stream {
+                // Half-close: the client sees our FIN after the close frame and can answer.
+                let _ = socket2::SockRef::from(s.as_ref()).shutdown(Shutdown::Write);
+            }
+        }
+    }
+
+    /// Frees a client: its topics, its queue, its socket and its connection permit.
+    fn finalize(&mut self, key: usize, why: DisconnectReason) {
+        let Some(c) = self.clients.try_remove(key) else {
+            return;
+        };
+        if c.is_open() {
+            for topic in c.topics.iter() {
+                self.unsubscribe(topic, key);
+            }
+        }
+        c.conn.closing.store(true, Ordering::Release);
+        if let Some(s) = &c.stream {
+            // Wakes the reader with end-of-file if it is still waiting.
+            let _ = socket2::SockRef::from(s.as_ref()).shutdown(Shutdown::Both);
+        }
+        self.disconnects.record(why);
+        tracing::debug!(
+            shard = self.index,
+            key,
+            id = c.id,
+            reason = why.as_str(),
+            "client disconnected"
+        );
+    }
+
+    fn subscribe(&mut self, topic: &Topic, key: usize) {
+        let subs = self.topics.entry(topic.clone()).or_default();
+        if subs.is_empty() {
+            self.relay
+                .shared
+                .interest
+                .entry(topic.clone())
+                .or_default()
+                .insert(self.index);
+        }
+        subs.insert(key);
+    }
+
+    fn unsubscribe(&mut self, topic: &Topic, key: usize) {
+        let Some(subs) = self.topics.get_mut(topic) else {
+            return;
+        };
+        subs.swap_remove(&key);
+        if subs.is_empty() {
+            self.topics.remove(topic);
+            let interest = &self.relay.shared.interest;
+            if let Some(mut set) = interest.get_mut(topic) {
+                set.remove(self.index);
+            }
+            interest.remove_if(topic, |_, set| set.is_empty());
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.now_tick();
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel.advance(now, &mut fired);
+        let c = self.relay.config();
+        let (ping_every, pong_within, write_timeout) = (
+            self.ticks(c.ping_interval),
+            self.ticks(c.pong_timeout),
+            self.ticks(c.write_timeout),
+        );
+        for Timer { key, id, kind } in fired.drain(..) {
+            let Some(c) = self.client_mut(key, id) else {
+                continue;
+            };
+            let open = c.is_open();
+            match kind {
+                TimerKind::Ping if open => {
+                    c.conn.alive.store(false, Ordering::Relaxed);
+                    self.wheel.schedule(
+                        now + pong_within,
+                        Timer {
+                            key,
+                            id,
+                            kind: TimerKind::PongDeadline,
+                        },
+                    );
+                    self.enqueue_control(key, frame::ping());
+                }
+                TimerKind::PongDeadline if open => {
+                    if c.conn.alive.load(Ordering::Relaxed) {
+                        let next = (now + ping_every).saturating_sub(pong_within);
+                        self.wheel.schedule(
+                            next,
+                            Timer {
+                                key,
+                                id,
+                                kind: TimerKind::Ping,
+                            },
+                        );
+                    } else {
+                        tracing::debug!(shard = self.index, key, "pong timeout");
+                        self.begin_close(
+                            key,
+                            close_code::PONG_TIMEOUT,
+                            "pong timeout",
+                            DisconnectReason::PongTimeout,
+                            CLOSE_GRACE,
+                        );
+                    }
+                }
+                TimerKind::WriteCheck => match c.stalled_since {
+                    Some(since) if now >= since + write_timeout => {
+                        let why = if open {
+                            DisconnectReason::WriteTimeout
+                        } else {
+                            closing_reason(c)
+                        };
+                        tracing::debug!(shard = self.index, key, "write timeout");
+                        self.finalize(key, why);
+                    }
+                    Some(since) => self
+                        .wheel
+                        .schedule(since + write_timeout, Timer { key, id, kind }),
+                    None => {}
+                },
+                TimerKind::CloseDeadline => {
+                    let why = closing_reason(c);
+                    self.finalize(key, why);
+                }
+                _ => {}
+            }
+        }
+        self.fired = fired;
+        self.end_batch();
+    }
+
+    /// Starts the drain: every client gets 1001 and `drain_timeout` to flush.
+    fn shutdown(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        let grace = self.relay.config().drain_timeout;
+        let keys: Vec<usize> = self.clients.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.begin_close(
+                key,
+                close_code::GOING_AWAY,
+                "going away",
+                DisconnectReason::Shutdown,
+                grace,
+            );
+        }
+        self.end_batch();
+    }
+}
+
+fn closing_reason(c: &Client) -> DisconnectReason {
+    match c.phase {
+        Phase::Closing { why, .. } => why,
+        Phase::Open => DisconnectReason::ClientClose,
+    }
+}
