@@ -577,6 +577,9 @@ impl Shard {
             reader_gone: false,
             write_shut: false,
         };
+        // Counted when the reason is decided; `finalize` counts only clients never closed.
+        self.disconnects.record(why);
+        let c = &mut self.clients[key];
         if why == DisconnectReason::SlowConsumer {
             let keep = usize::from(c.head_partial);
             c.queue.truncate(keep);
@@ -639,19 +642,19 @@ impl Shard {
             for topic in c.topics.iter() {
                 self.unsubscribe(topic, key);
             }
+            self.disconnects.record(why);
         }
         c.conn.closing.store(true, Ordering::Release);
         if let Some(s) = &c.stream {
             // Wakes the reader with end-of-file if it is still waiting.
             let _ = socket2::SockRef::from(s.as_ref()).shutdown(Shutdown::Both);
         }
-        self.disconnects.record(why);
         tracing::debug!(
             shard = self.index,
             key,
             id = c.id,
             reason = why.as_str(),
-            "client disconnected"
+            "client freed"
         );
     }
 
