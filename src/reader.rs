@@ -117,11 +117,11 @@ impl FrameReader {
                     self.hdr_len += take as u8;
                     input = &input[take..];
                     // The needed length can grow once the length byte is known.
-                    if self.hdr_len as usize == self.header_needed() {
-                        if let Err(e) = self.start_frame(out) {
-                            self.state = State::Done;
-                            return Err(e);
-                        }
+                    if self.hdr_len as usize == self.header_needed()
+                        && let Err(e) = self.start_frame(out)
+                    {
+                        self.state = State::Done;
+                        return Err(e);
                     }
                 }
                 State::Payload { remaining } => {

@@ -11,12 +11,16 @@ use tokio_tungstenite::tungstenite::Message;
 async fn five_hundred_clients_on_four_shards_get_every_message_in_order() {
     const CLIENTS: usize = 500;
     const MESSAGES: usize = 1000;
-    let s = start(Config { shards: 4, ..config() }).await;
+    let s = start(Config {
+        shards: 4,
+        ..config()
+    })
+    .await;
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         clients.push(s.connect("/ws/room").await);
     }
-    let mut publisher = clients.pop().expect("at least one client");
+    let publisher = clients.pop().expect("at least one client");
     let readers: Vec<_> = clients
         .into_iter()
         .map(|mut ws| {
@@ -46,7 +50,9 @@ async fn five_hundred_clients_on_four_shards_get_every_message_in_order() {
         got
     });
     for i in 0..MESSAGES {
-        futures_util::SinkExt::send(&mut sink, Message::text(i.to_string())).await.expect("send");
+        futures_util::SinkExt::send(&mut sink, Message::text(i.to_string()))
+            .await
+            .expect("send");
     }
     assert_eq!(own.await.unwrap(), MESSAGES);
     let mut open = Vec::new();
@@ -66,16 +72,35 @@ async fn opcode_is_preserved() {
     let mut a = s.connect("/ws/t").await;
     let mut b = s.connect("/ws/t").await;
     send_text(&mut a, "text").await;
-    futures_util::SinkExt::send(&mut a, Message::binary(vec![0u8, 159, 146, 150])).await.unwrap();
+    futures_util::SinkExt::send(&mut a, Message::binary(vec![0u8, 159, 146, 150]))
+        .await
+        .unwrap();
     assert_eq!(next_data(&mut b).await, Message::text("text"));
-    assert_eq!(next_data(&mut b).await, Message::binary(vec![0u8, 159, 146, 150]));
+    assert_eq!(
+        next_data(&mut b).await,
+        Message::binary(vec![0u8, 159, 146, 150])
+    );
     // HTTP: text/* and application/json give text frames, anything else binary.
-    assert_eq!(s.post("/publish/t", "application/json", b"{\"a\":1}").await, 202);
-    assert_eq!(s.post("/publish/t", "text/plain; charset=utf-8", b"plain").await, 202);
-    assert_eq!(s.post("/publish/t", "application/octet-stream", b"\xff\x00").await, 202);
+    assert_eq!(
+        s.post("/publish/t", "application/json", b"{\"a\":1}").await,
+        202
+    );
+    assert_eq!(
+        s.post("/publish/t", "text/plain; charset=utf-8", b"plain")
+            .await,
+        202
+    );
+    assert_eq!(
+        s.post("/publish/t", "application/octet-stream", b"\xff\x00")
+            .await,
+        202
+    );
     assert_eq!(next_data(&mut b).await, Message::text("{\"a\":1}"));
     assert_eq!(next_data(&mut b).await, Message::text("plain"));
-    assert_eq!(next_data(&mut b).await, Message::binary(b"\xff\x00".to_vec()));
+    assert_eq!(
+        next_data(&mut b).await,
+        Message::binary(b"\xff\x00".to_vec())
+    );
 }
 
 #[tokio::test]
@@ -89,15 +114,30 @@ async fn topics_are_isolated() {
     }
     for i in 0..10 {
         assert_eq!(next_data(&mut red).await, Message::text(format!("red {i}")));
-        assert_eq!(next_data(&mut blue).await, Message::text(format!("blue {i}")));
+        assert_eq!(
+            next_data(&mut blue).await,
+            Message::text(format!("blue {i}"))
+        );
     }
     // Nothing else arrived: the next message on each is the marker published after.
-    s.relay.publish(&Topic::new("red").unwrap(), Opcode::Text, b"end").await.unwrap();
-    s.relay.publish(&Topic::new("blue").unwrap(), Opcode::Text, b"end").await.unwrap();
+    s.relay
+        .publish(&Topic::new("red").unwrap(), Opcode::Text, b"end")
+        .await
+        .unwrap();
+    s.relay
+        .publish(&Topic::new("blue").unwrap(), Opcode::Text, b"end")
+        .await
+        .unwrap();
     assert_eq!(next_data(&mut red).await, Message::text("end"));
     assert_eq!(next_data(&mut blue).await, Message::text("end"));
     // A topic nobody subscribes to reaches no shard.
-    assert_eq!(s.relay.publish(&Topic::new("green").unwrap(), Opcode::Text, b"x").await.unwrap(), 0);
+    assert_eq!(
+        s.relay
+            .publish(&Topic::new("green").unwrap(), Opcode::Text, b"x")
+            .await
+            .unwrap(),
+        0
+    );
 }
 
 #[tokio::test]
@@ -118,7 +158,11 @@ async fn multi_topic_subscriber_receives_every_topic_and_may_not_publish() {
 
 #[tokio::test]
 async fn client_publish_can_be_disabled() {
-    let s = start(Config { client_publish: false, ..config() }).await;
+    let s = start(Config {
+        client_publish: false,
+        ..config()
+    })
+    .await;
     let mut a = s.connect("/ws/t").await;
     assert_eq!(s.post("/publish/t", "text/plain", b"server").await, 202);
     assert_eq!(next_data(&mut a).await, Message::text("server"));
@@ -128,13 +172,32 @@ async fn client_publish_can_be_disabled() {
 
 #[tokio::test]
 async fn http_endpoints_answer_with_the_documented_statuses() {
-    let s = start(Config { max_message_bytes: 1000, send_queue_bytes: 4096, ..config() }).await;
-    let (status, text) = s.http("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let s = start(Config {
+        max_message_bytes: 1000,
+        send_queue_bytes: 4096,
+        ..config()
+    })
+    .await;
+    let (status, text) = s
+        .http("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
     assert_eq!(status, 200);
     assert!(text.ends_with("ok"));
-    assert_eq!(s.http("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.0, 404);
-    assert_eq!(s.post("/publish/bad%20topic", "text/plain", b"x").await, 400);
-    assert_eq!(s.post(&format!("/publish/{}", "x".repeat(129)), "text/plain", b"x").await, 400);
+    assert_eq!(
+        s.http("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        s.post("/publish/bad%20topic", "text/plain", b"x").await,
+        400
+    );
+    assert_eq!(
+        s.post(&format!("/publish/{}", "x".repeat(129)), "text/plain", b"x")
+            .await,
+        400
+    );
     assert_eq!(s.post("/publish/t", "text/plain", b"\xff\xfe").await, 400);
     assert_eq!(s.post("/publish/t", "text/plain", &[b'a'; 1000]).await, 202);
     assert_eq!(s.post("/publish/t", "text/plain", &[b'a'; 1001]).await, 413);
@@ -144,5 +207,10 @@ async fn http_endpoints_answer_with_the_documented_statuses() {
         "b".repeat(2000)
     );
     assert_eq!(s.http(&chunked).await.0, 413);
-    assert_eq!(s.http("GET /publish/t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.0, 405);
+    assert_eq!(
+        s.http("GET /publish/t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .0,
+        405
+    );
 }

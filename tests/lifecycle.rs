@@ -14,7 +14,12 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
     const BUDGET: usize = 256 * 1024;
     const SIZE: usize = 16 * 1024;
     const MAX_MESSAGES: usize = 4000; // 64 MiB: far past any loopback socket buffers
-    let s = start(Config { send_queue_bytes: BUDGET, max_message_bytes: SIZE, ..config() }).await;
+    let s = start(Config {
+        send_queue_bytes: BUDGET,
+        max_message_bytes: SIZE,
+        ..config()
+    })
+    .await;
     let topic = Topic::new("firehose").unwrap();
 
     // A raw client with a small receive buffer that completes the handshake and never reads.
@@ -27,7 +32,9 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
     let reader = tokio::spawn(async move {
         let mut got = 0u64;
         loop {
-            let Message::Binary(b) = next_data(&mut fast).await else { panic!("binary expected") };
+            let Message::Binary(b) = next_data(&mut fast).await else {
+                panic!("binary expected")
+            };
             let seq = u64::from_be_bytes(b[..8].try_into().unwrap());
             if seq == u64::MAX {
                 return (got, fast);
@@ -41,10 +48,16 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
     let mut dropped_at = None;
     while sent < MAX_MESSAGES as u64 {
         payload[..8].copy_from_slice(&sent.to_be_bytes());
-        s.relay.publish(&topic, Opcode::Binary, &payload).await.unwrap();
+        s.relay
+            .publish(&topic, Opcode::Binary, &payload)
+            .await
+            .unwrap();
         sent += 1;
         let stats = s.relay.stats().await;
-        assert!(stats.peak_client_queued_bytes <= BUDGET, "a queue passed its budget: {stats:?}");
+        assert!(
+            stats.peak_client_queued_bytes <= BUDGET,
+            "a queue passed its budget: {stats:?}"
+        );
         if dropped_at.is_none() && stats.disconnects.get(DisconnectReason::SlowConsumer) == 1 {
             dropped_at = Some(sent);
         }
@@ -53,10 +66,19 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
             break;
         }
     }
-    assert!(dropped_at.is_some(), "the slow consumer was never dropped: {:?}", s.relay.stats().await);
+    assert!(
+        dropped_at.is_some(),
+        "the slow consumer was never dropped: {:?}",
+        s.relay.stats().await
+    );
     payload[..8].copy_from_slice(&u64::MAX.to_be_bytes());
-    s.relay.publish(&topic, Opcode::Binary, &payload).await.unwrap();
-    let (got, fast) = reader.await.expect("fast client got every message in order");
+    s.relay
+        .publish(&topic, Opcode::Binary, &payload)
+        .await
+        .unwrap();
+    let (got, fast) = reader
+        .await
+        .expect("fast client got every message in order");
     assert_eq!(got, sent);
 
     // The slow client finds, after whatever the kernel buffered, the 4008 close frame.
@@ -66,4 +88,278 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
     assert_eq!(stats.disconnects.total(), 1);
     assert!(stats.peak_client_queued_bytes <= BUDGET);
     drop(fast);
+}
+
+/// With a paused clock the runtime jumps to the next timer whenever every task waits, so the
+/// deadline arithmetic is exact and nothing sleeps for real.
+#[tokio::test(start_paused = true)]
+async fn client_that_never_answers_pings_is_closed_with_4012() {
+    let ping = Duration::from_secs(20);
+    let pong = Duration::from_secs(10);
+    let s = start(Config {
+        ping_interval: ping,
+        pong_timeout: pong,
+        ..config()
+    })
+    .await;
+    let mut silent = raw_ws(s.addr, "/ws/hb").await;
+    let t0 = tokio::time::Instant::now();
+    // The first frame is the server's ping, one interval after the handshake.
+    let (op, payload) = read_server_frame(&mut silent).await.expect("ping");
+    assert_eq!((op, payload.len()), (0x9, 0));
+    let pinged = t0.elapsed();
+    assert!(
+        pinged >= ping && pinged <= ping + Duration::from_secs(1),
+        "pinged after {pinged:?}"
+    );
+    assert_eq!(raw_close_code(&mut silent).await, 4012);
+    let closed = t0.elapsed();
+    assert!(closed >= ping + pong, "closed too early: {closed:?}");
+    assert!(
+        closed <= ping + pong + Duration::from_secs(1),
+        "closed too late: {closed:?}"
+    );
+    let stats = s.relay.stats().await;
+    assert_eq!(stats.disconnects.get(DisconnectReason::PongTimeout), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_that_answers_pings_stays_connected() {
+    let s = start(Config {
+        ping_interval: Duration::from_secs(20),
+        pong_timeout: Duration::from_secs(10),
+        ..config()
+    })
+    .await;
+    let mut ws = s.connect("/ws/hb").await;
+    let t0 = tokio::time::Instant::now();
+    // tungstenite answers each ping with a pong while we read. Ten intervals later we are
+    // still subscribed.
+    let mut pings = 0;
+    while pings < 10 {
+        match ws.next().await {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(t0.elapsed() >= Duration::from_secs(200));
+    s.relay
+        .publish(&Topic::new("hb").unwrap(), Opcode::Text, b"still here")
+        .await
+        .unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("still here"));
+    assert_eq!(s.relay.stats().await.disconnects.total(), 0);
+}
+
+#[tokio::test]
+async fn client_ping_gets_a_pong() {
+    let s = start(config()).await;
+    let mut ws = s.connect("/ws/p").await;
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Pong(p))) => {
+                assert_eq!(&p[..], b"are you there");
+                break;
+            }
+            Some(Ok(Message::Ping(_))) => continue,
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+}
+
+/// Opens a raw connection, sends `bytes`, and returns the close code the server answers with.
+async fn close_code_for(s: &TestServer, bytes: &[u8]) -> u16 {
+    let mut raw = raw_ws(s.addr, "/ws/bad").await;
+    raw_send(&mut raw, bytes).await;
+    raw_close_code(&mut raw).await
+}
+
+#[tokio::test]
+async fn protocol_violations_get_their_close_codes_and_the_server_keeps_serving() {
+    let s = start(Config {
+        max_message_bytes: 1024,
+        send_queue_bytes: 64 * 1024,
+        ..config()
+    })
+    .await;
+    // 1009: one frame over the limit, and many small fragments that add up past it.
+    assert_eq!(
+        close_code_for(&s, &client_frame(true, 0x2, &[7; 1025])).await,
+        1009
+    );
+    let mut fragments = client_frame(false, 0x2, &[7; 100]);
+    for _ in 0..20 {
+        fragments.extend(client_frame(false, 0x0, &[7; 100]));
+    }
+    assert_eq!(close_code_for(&s, &fragments).await, 1009);
+    // Exactly at the limit is fine.
+    let mut ok = raw_ws(s.addr, "/ws/bad").await;
+    raw_send(&mut ok, &client_frame(true, 0x2, &[7; 1024])).await;
+    let (op, payload) = read_server_frame(&mut ok).await.expect("own message back");
+    assert_eq!((op, payload.len()), (0x2, 1024));
+    // 1007: invalid UTF-8 in a text message, also when split across fragments.
+    assert_eq!(
+        close_code_for(&s, &client_frame(true, 0x1, &[0xc3, 0x28])).await,
+        1007
+    );
+    let mut split = client_frame(false, 0x1, &[0xe2, 0x82]);
+    split.extend(client_frame(true, 0x0, &[0x28]));
+    assert_eq!(close_code_for(&s, &split).await, 1007);
+    // 1002: unmasked frame, reserved bits, unknown opcode, bad control frames, bad continuation.
+    let unmasked = [0x81u8, 0x02, b'h', b'i'];
+    assert_eq!(close_code_for(&s, &unmasked).await, 1002);
+    let mut rsv = client_frame(true, 0x1, b"x");
+    rsv[0] |= 0x40;
+    assert_eq!(close_code_for(&s, &rsv).await, 1002);
+    assert_eq!(
+        close_code_for(&s, &client_frame(true, 0x3, b"")).await,
+        1002
+    );
+    assert_eq!(
+        close_code_for(&s, &client_frame(false, 0x9, b"")).await,
+        1002
+    );
+    assert_eq!(
+        close_code_for(&s, &client_frame(true, 0x9, &[0; 126])).await,
+        1002
+    );
+    assert_eq!(
+        close_code_for(&s, &client_frame(true, 0x0, b"x")).await,
+        1002
+    );
+    assert_eq!(
+        close_code_for(&s, &client_frame(true, 0x8, &[0x03])).await,
+        1002
+    );
+    let stats = s.relay.stats().await;
+    assert_eq!(stats.disconnects.get(DisconnectReason::ProtocolError), 11);
+    assert_still_serving(&s).await;
+}
+
+#[tokio::test]
+async fn client_close_is_echoed_and_frames_after_it_are_ignored() {
+    let s = start(config()).await;
+    let mut watcher = s.connect("/ws/c").await;
+    let mut raw = raw_ws(s.addr, "/ws/c").await;
+    let mut bytes = client_frame(true, 0x8, &4000u16.to_be_bytes());
+    bytes.extend(client_frame(true, 0x1, b"after close"));
+    raw_send(&mut raw, &bytes).await;
+    assert_eq!(raw_close_code(&mut raw).await, 4000);
+    // The server half-closes after its echo.
+    assert!(read_server_frame(&mut raw).await.is_none());
+    s.relay
+        .publish(&Topic::new("c").unwrap(), Opcode::Text, b"marker")
+        .await
+        .unwrap();
+    assert_eq!(next_data(&mut watcher).await, Message::text("marker"));
+}
+
+#[tokio::test]
+async fn shutdown_sends_1001_to_every_client_and_completes() {
+    let s = start(Config {
+        shards: 3,
+        ..config()
+    })
+    .await;
+    let mut readers = Vec::new();
+    for i in 0..30 {
+        let mut ws = s.connect(&format!("/ws/t{}", i % 4)).await;
+        readers.push(tokio::spawn(async move { close_code(&mut ws).await }));
+    }
+    let mut raw = raw_ws(s.addr, "/ws/t0").await;
+    // The raw client answers nothing; it reads the close frame and hangs up.
+    readers.push(tokio::spawn(
+        async move { Some(raw_close_code(&mut raw).await) },
+    ));
+    let (_, text) = s
+        .http("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    assert!(text.ends_with("ok"));
+    s.stop().await; // returns once the server's future has completed
+    for r in readers {
+        assert_eq!(r.await.unwrap(), Some(1001));
+    }
+}
+
+#[tokio::test]
+async fn upgrades_over_the_connection_limit_get_503() {
+    let s = start(Config {
+        max_connections: 2,
+        ..config()
+    })
+    .await;
+    let a = s.connect("/ws/x").await;
+    let _b = s.connect("/ws/x").await;
+    let req = "GET /ws/x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    assert_eq!(s.http(req).await.0, 503);
+    // The refused request took no slot.
+    let stats = s.relay.stats().await;
+    assert_eq!((stats.connections, stats.disconnects.total()), (2, 0));
+    drop(a);
+}
+
+#[tokio::test]
+async fn bad_handshakes_get_http_statuses() {
+    let s = start(config()).await;
+    let ws = |method: &str, path: &str, extra: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}Connection: close\r\n\r\n"
+        )
+    };
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let v13 = "Sec-WebSocket-Version: 13\r\n";
+    assert_eq!(
+        s.http(&ws("GET", "/ws/a%2Fb", &format!("{key}{v13}")))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        s.http(&ws("GET", "/ws/a/b", &format!("{key}{v13}")))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        s.http(&ws("GET", "/ws", &format!("{key}{v13}"))).await.0,
+        400
+    );
+    assert_eq!(
+        s.http(&ws("GET", "/ws?topic=", &format!("{key}{v13}")))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        s.http(&ws("POST", "/ws/a", &format!("{key}{v13}"))).await.0,
+        405
+    );
+    assert_eq!(s.http(&ws("GET", "/ws/a", v13)).await.0, 400);
+    assert_eq!(
+        s.http(&ws(
+            "GET",
+            "/ws/a",
+            &format!("Sec-WebSocket-Key: short\r\n{v13}")
+        ))
+        .await
+        .0,
+        400
+    );
+    let (status, text) = s
+        .http(&ws(
+            "GET",
+            "/ws/a",
+            &format!("{key}Sec-WebSocket-Version: 8\r\n"),
+        ))
+        .await;
+    assert_eq!(status, 426);
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13")
+    );
+    let plain = "GET /ws/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    assert_eq!(s.http(plain).await.0, 426);
 }

@@ -35,7 +35,9 @@ pub fn config() -> Config {
 }
 
 pub async fn start(config: Config) -> TestServer {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
     let server = Server::new(listener, config).expect("valid config");
     let addr = server.local_addr().expect("local addr");
     let relay = server.relay();
@@ -43,7 +45,12 @@ pub async fn start(config: Config) -> TestServer {
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
-    TestServer { addr, relay, stop: Some(stop), task }
+    TestServer {
+        addr,
+        relay,
+        stop: Some(stop),
+        task,
+    }
 }
 
 impl TestServer {
@@ -53,7 +60,9 @@ impl TestServer {
 
     /// Opens a WebSocket; the subscription is in place once this returns.
     pub async fn connect(&self, path: &str) -> Ws {
-        let (ws, res) = tokio_tungstenite::connect_async(self.url(path)).await.expect("websocket handshake");
+        let (ws, res) = tokio_tungstenite::connect_async(self.url(path))
+            .await
+            .expect("websocket handshake");
         assert_eq!(res.status(), 101);
         ws
     }
@@ -63,7 +72,10 @@ impl TestServer {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        self.task.await.expect("server task").expect("server result");
+        self.task
+            .await
+            .expect("server task")
+            .expect("server result");
     }
 
     /// Sends a raw HTTP/1.1 request and returns (status, headers+body text).
@@ -99,7 +111,11 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
             let len = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
                 break;
@@ -107,7 +123,11 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
         }
     }
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("http status line");
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("http status line");
     (status, text)
 }
 
@@ -160,7 +180,11 @@ pub async fn raw_ws_on(mut s: TcpStream, path: &str) -> TcpStream {
         s.read_exact(&mut b).await.expect("read handshake response");
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -230,5 +254,8 @@ pub async fn assert_still_serving(s: &TestServer) {
     let mut a = s.connect("/ws/still-serving").await;
     let mut b = s.connect("/ws/still-serving").await;
     send_text(&mut a, "alive").await;
-    assert_eq!(next_data(&mut b).await.into_text().unwrap().as_str(), "alive");
+    assert_eq!(
+        next_data(&mut b).await.into_text().unwrap().as_str(),
+        "alive"
+    );
 }
