@@ -51,29 +51,27 @@ fn run(config: shardcast::Config) -> anyhow::Result<()> {
         .build()
         .context("failed to start the tokio runtime")?;
     runtime.block_on(async move {
+        // Install the handlers before announcing readiness, so an early signal is not fatal.
+        let shutdown = shutdown_signal().context("failed to install signal handlers")?;
         let addr = config.listen;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| shardcast::Error::Bind { addr, source })?;
         tracing::info!(%addr, shards = config.shards, "shardcast listening");
-        shardcast::run(listener, config, shutdown_signal()).await?;
+        shardcast::run(listener, config, shutdown).await?;
         Ok(())
     })
 }
 
-/// Completes on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// A future that completes on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    })
 }
