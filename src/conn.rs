@@ -34,6 +34,13 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
 }
 
+/// Waits until the socket is readable. Unlike `TcpStream::readable`, whose future carries a
+/// 150-byte waiter, this keeps only the waker tokio already stores per socket: the reader is
+/// the socket's only reader, so the single slot is enough.
+fn readable(stream: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| stream.poll_read_ready(cx))
+}
+
 enum Read {
     Bytes(Result<(), ProtocolError>),
     Eof,
@@ -41,7 +48,13 @@ enum Read {
     Failed(io::Error),
 }
 
-/// Completes the upgrade for the connection reserved at `slot` and reads it until it ends.
+/// Completes the upgrade for the connection reserved at `slot`, then starts its reader.
+///
+/// The reader runs in a task of its own, spawned once the upgrade is done. That task lives as
+/// long as the connection, and a future's size is the largest state of any `.await` in it;
+/// keeping the upgrade and its arguments out of it, and boxing the short-lived large steps
+/// (publishing, telling the shard), leaves little more than the parser: a few hundred bytes
+/// per idle connection.
 pub(crate) async fn serve(
     relay: Relay,
     slot: Slot,
@@ -49,37 +62,11 @@ pub(crate) async fn serve(
     publish: Publish,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
 ) {
-    let Slot { shard, key, id } = slot;
-    let parts = match upgrade.await {
-        Ok(ws) => ws
-            .into_inner()
-            .into_inner()
-            .downcast::<TokioIo<TcpStream>>()
-            .ok(),
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            None
-        }
-    };
-    let Some(parts) = parts else {
+    let Some((stream, leftover)) = attach(&relay, slot, upgrade).await else {
+        let Slot { shard, key, id } = slot;
         let _ = relay.to_shard(shard, ShardMsg::Gone { key, id }).await;
         return;
     };
-    let stream = Arc::new(parts.io.into_inner());
-    if relay
-        .to_shard(
-            shard,
-            ShardMsg::Attach {
-                key,
-                id,
-                stream: Arc::clone(&stream),
-            },
-        )
-        .await
-        .is_err()
-    {
-        return;
-    }
     let parser = FrameReader::new(relay.config().max_message_bytes);
     let mut reader = Reader {
         relay,
@@ -89,11 +76,44 @@ pub(crate) async fn serve(
         parser,
         events: Vec::new(),
     };
-    reader.run(&stream, parts.read_buf).await;
-    let _ = reader
-        .relay
-        .to_shard(shard, ShardMsg::Gone { key, id })
-        .await;
+    // `leftover` is a view into hyper's 8 KiB read buffer: parse it and let it go at once,
+    // or every idle connection would keep that buffer alive.
+    let first = reader.parser.feed(&leftover, &mut reader.events);
+    drop(leftover);
+    tokio::spawn(async move {
+        reader.run(&stream, first).await;
+        let Slot { shard, key, id } = reader.slot;
+        let gone = reader.relay.to_shard(shard, ShardMsg::Gone { key, id });
+        let _ = Box::pin(gone).await;
+    });
+}
+
+/// Waits for the upgrade, then hands the socket's write side to the shard.
+async fn attach(
+    relay: &Relay,
+    slot: Slot,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+) -> Option<(Arc<TcpStream>, Bytes)> {
+    let Slot { shard, key, id } = slot;
+    let parts = match upgrade.await {
+        Ok(ws) => ws
+            .into_inner()
+            .into_inner()
+            .downcast::<TokioIo<TcpStream>>()
+            .ok()?,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return None;
+        }
+    };
+    let stream = Arc::new(parts.io.into_inner());
+    let attach = ShardMsg::Attach {
+        key,
+        id,
+        stream: Arc::clone(&stream),
+    };
+    relay.to_shard(shard, attach).await.ok()?;
+    Some((stream, parts.read_buf))
 }
 
 struct Reader {
@@ -106,22 +126,23 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(&mut self, stream: &TcpStream, leftover: Bytes) {
-        let mut result = self.parser.feed(&leftover, &mut self.events);
+    async fn run(&mut self, stream: &TcpStream, first: Result<(), ProtocolError>) {
+        let mut result = first;
         loop {
-            if !self.handle_events().await {
+            // Boxed: see `serve`. One allocation per read that completed a frame.
+            if !self.events.is_empty() && !Box::pin(self.handle_events()).await {
                 return self.drain(stream).await;
             }
             if let Err(e) = result {
                 tracing::debug!(error = %e, "protocol error");
-                self.close(e.code, e.reason).await;
+                Box::pin(self.close(e.code, e.reason)).await;
                 return self.drain(stream).await;
             }
             if self.parser.is_done() {
                 return;
             }
             result = loop {
-                if stream.readable().await.is_err() {
+                if readable(stream).await.is_err() {
                     return;
                 }
                 match self.read(stream) {
@@ -226,7 +247,7 @@ impl Reader {
     /// could destroy our close frame before the client reads it.
     async fn drain(&mut self, stream: &TcpStream) {
         loop {
-            if stream.readable().await.is_err() {
+            if readable(stream).await.is_err() {
                 return;
             }
             let done = SCRATCH.with_borrow_mut(|buf| match stream.try_read(buf) {
