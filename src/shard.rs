@@ -152,6 +152,8 @@ struct Client {
     waiting_writable: bool,
     /// Tick of the last write progress while bytes were waiting, if a write check is pending.
     stalled_since: Option<u64>,
+    /// A `WriteCheck` entry is in the wheel. At most one per client, however often it stalls.
+    write_check_pending: bool,
     phase: Phase,
     _permit: OwnedSemaphorePermit,
 }
@@ -342,6 +344,7 @@ impl Shard {
                     doomed: false,
                     waiting_writable: false,
                     stalled_since: None,
+                    write_check_pending: false,
                     phase: Phase::Open,
                     _permit: permit,
                 });
@@ -357,6 +360,9 @@ impl Shard {
                 let now = self.now_tick();
                 let ping_at = now + self.ticks(self.relay.config().ping_interval);
                 let Some(c) = self.client_mut(key, id) else {
+                    // Freed while the upgrade was finishing (shutdown, or a slow consumer
+                    // before it had a socket). End the reader the upgrade is about to start.
+                    let _ = socket2::SockRef::from(stream.as_ref()).shutdown(Shutdown::Both);
                     return;
                 };
                 c.stream = Some(stream);
@@ -521,7 +527,8 @@ impl Shard {
                 if first_stall || c.queued < before {
                     c.stalled_since = Some(now);
                 }
-                if first_stall {
+                if !c.write_check_pending {
+                    c.write_check_pending = true;
                     self.wheel.schedule(
                         now + write_timeout,
                         Timer {
@@ -749,7 +756,7 @@ impl Shard {
                     Some(since) => self
                         .wheel
                         .schedule(since + write_timeout, Timer { key, id, kind }),
-                    None => {}
+                    None => c.write_check_pending = false,
                 },
                 TimerKind::CloseDeadline => {
                     let why = closing_reason(c);

@@ -363,3 +363,45 @@ async fn bad_handshakes_get_http_statuses() {
     let plain = "GET /ws/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     assert_eq!(s.http(plain).await.0, 426);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_makes_no_progress_drops_the_client_after_the_write_timeout() {
+    let write_timeout = Duration::from_secs(10);
+    let s = start(Config {
+        write_timeout,
+        send_queue_bytes: 64 << 20, // big enough that it is never a slow consumer
+        max_message_bytes: 16 * 1024,
+        ..config()
+    })
+    .await;
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let _stuck = raw_ws_on(sock.connect(s.addr).await.unwrap(), "/ws/stuck").await;
+    let topic = Topic::new("stuck").unwrap();
+    for _ in 0..1024 {
+        s.relay
+            .publish(&topic, Opcode::Binary, &[1; 16 * 1024])
+            .await
+            .unwrap();
+    }
+    let queued = s.relay.stats().await.queued_bytes;
+    assert!(
+        queued > 0,
+        "the kernel took 16 MiB: the socket never blocked"
+    );
+    // Virtual time: the clock jumps while every task waits.
+    tokio::time::sleep(write_timeout / 2).await;
+    assert_eq!(
+        s.relay.stats().await.disconnects.total(),
+        0,
+        "dropped too early"
+    );
+    tokio::time::sleep(write_timeout).await;
+    let stats = s.relay.stats().await;
+    assert_eq!(stats.disconnects.get(DisconnectReason::WriteTimeout), 1);
+    assert_eq!(
+        (stats.connections, stats.queued_bytes),
+        (0, 0),
+        "queue and socket freed"
+    );
+}
