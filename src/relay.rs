@@ -27,8 +27,18 @@ impl ShardSet {
     pub(crate) fn is_empty(&self) -> bool {
         self.0.iter().all(|w| *w == 0)
     }
+    /// The set shards in increasing order, visiting only set bits.
     pub(crate) fn iter(self) -> impl Iterator<Item = usize> {
-        (0..MAX_SHARDS).filter(move |i| self.0[i / 64] & (1 << (i % 64)) != 0)
+        self.0.into_iter().enumerate().flat_map(|(w, mut bits)| {
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let i = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(w * 64 + i)
+            })
+        })
     }
 }
 
