@@ -15,6 +15,8 @@ pub enum Error {
     },
     #[error("failed to read the listener's address: {0}")]
     LocalAddr(std::io::Error),
+    #[error("message of {size} bytes is over the limit of {max} bytes")]
+    MessageTooLarge { size: usize, max: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
 }

@@ -248,6 +248,9 @@ async fn publish(
         Err(Error::ShuttingDown) => {
             refuse(peer, StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
         }
+        Err(Error::MessageTooLarge { .. }) => {
+            refuse(peer, StatusCode::PAYLOAD_TOO_LARGE, "message too big\n")
+        }
         Err(_) => refuse(peer, StatusCode::INTERNAL_SERVER_ERROR, "publish failed\n"),
     }
 }

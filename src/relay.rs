@@ -121,8 +121,9 @@ impl Relay {
     /// every source goes through: the frame is encoded once here and each shard that has a
     /// subscriber receives a refcounted clone of it.
     ///
-    /// Returns the number of shards the message was queued to. Messages published by one task
-    /// reach each subscriber in the order of the calls.
+    /// Refuses a payload over `max_message_bytes`. Returns the number of shards the message was
+    /// queued to. Messages published by one task reach each subscriber in the order of the
+    /// calls.
     pub async fn publish(
         &self,
         topic: &Topic,
@@ -131,6 +132,15 @@ impl Relay {
     ) -> Result<usize, Error> {
         if self.shared.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
+        }
+        let max = self.shared.config.max_message_bytes;
+        if payload.len() > max {
+            // Larger than a client may send, and possibly larger than a send queue: refusing
+            // it here keeps one oversized publish from dropping every subscriber as slow.
+            return Err(Error::MessageTooLarge {
+                size: payload.len(),
+                max,
+            });
         }
         // Copy the set out: no dashmap guard may be held across an await.
         let Some(set) = self.shared.interest.get(topic).map(|s| *s) else {

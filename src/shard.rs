@@ -2,9 +2,10 @@
 //! `topic -> clients` index and its timer wheel. Reading client sockets lives in `conn.rs`;
 //! choosing shards and encoding frames live in `relay.rs` and `frame.rs`.
 //!
-//! The shard never awaits a socket. It writes with non-blocking vectored writes (one syscall
-//! per client per batch of inbox messages) and, when the kernel buffer is full, parks a
-//! readiness future for that client and moves on.
+//! The shard never awaits a socket. After each batch of inbox messages it flushes every client
+//! the batch touched with non-blocking vectored writes (one `writev` carries up to 64 frames,
+//! so a batch usually costs one syscall per client) and, when the kernel buffer is full, parks
+//! a readiness future for that client and moves on.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -426,7 +427,8 @@ impl Shard {
     }
 
     /// Pushes one encoded frame onto the queue of every local subscriber of `topic`.
-    /// Per subscriber: a refcount increment and a queue slot. No copy, no lock, no syscall.
+    /// Per subscriber: a refcount increment and a queue slot; no copy and no lock. The only
+    /// syscall is for a client already at its budget, which gets one write before it is judged.
     fn fan_out(&mut self, topic: &Topic, frame: &Bytes) {
         let Some(subs) = self.topics.get(topic) else {
             return;
@@ -458,7 +460,9 @@ impl Shard {
     /// Queues a ping or pong. Control frames count against the budget like any other.
     fn enqueue_control(&mut self, key: usize, frame: Bytes) {
         let c = &mut self.clients[key];
-        if c.queued + frame.len() > self.budget {
+        // As in `fan_out`: one write attempt before a client at its budget is judged slow.
+        let full = |c: &Client| c.queued + frame.len() > self.budget;
+        if full(c) && (c.write_some().is_err() || full(c)) {
             self.doom(key);
         } else {
             c.push(frame);

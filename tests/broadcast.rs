@@ -201,6 +201,16 @@ async fn http_endpoints_answer_with_the_documented_statuses() {
     assert_eq!(s.post("/publish/t", "text/plain", b"\xff\xfe").await, 400);
     assert_eq!(s.post("/publish/t", "text/plain", &[b'a'; 1000]).await, 202);
     assert_eq!(s.post("/publish/t", "text/plain", &[b'a'; 1001]).await, 413);
+    // Server-side publish obeys the same limit.
+    let t = Topic::new("t").unwrap();
+    let too_big = s.relay.publish(&t, Opcode::Binary, &[0; 1001]).await;
+    assert!(matches!(
+        too_big,
+        Err(shardcast::Error::MessageTooLarge {
+            size: 1001,
+            max: 1000
+        })
+    ));
     // Chunked bodies have no Content-Length: the limit applies while reading.
     let chunked = format!(
         "POST /publish/t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n7d0\r\n{}\r\n0\r\n\r\n",
