@@ -2,10 +2,11 @@
 //!
 //! Bytes are fed in whatever pieces the socket returns; complete messages and control frames
 //! come out as [`Event`]s. Between messages the parser holds a few dozen bytes of state and no
-//! heap memory, which is why an idle connection stays cheap (see `docs/ARCHITECTURE.md` for the
-//! measurement that chose this over fastwebsockets' reader, which holds an 8 KiB buffer per
-//! connection and does not bound the sum of a fragmented message). Socket I/O lives in
-//! `conn.rs`, not here.
+//! heap memory, which is why an idle connection stays cheap. fastwebsockets' reader (we keep
+//! fastwebsockets for the upgrade) holds an 8 KiB buffer per connection, bounds each frame but
+//! not the sum of a fragmented message, and accepts unmasked client frames;
+//! `docs/ARCHITECTURE.md` ("Why our own reader") has the benchmark figures. Socket I/O lives
+//! in `conn.rs`, not here.
 //!
 //! Every RFC 6455 violation becomes a [`ProtocolError`] carrying the close code to send.
 

@@ -51,12 +51,12 @@ fn sigterm_drains_and_exits_0() {
     let mut child = shardcast()
         .args(["--listen", "127.0.0.1:0", "--drain-timeout", "1s"])
         .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // Wait for the readiness line rather than for time to pass.
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
     let ready = lines
         .by_ref()
         .map_while(Result::ok)
