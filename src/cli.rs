@@ -2,11 +2,12 @@
 //! [`Config`] in one step. Running the server lives in `server.rs`, not here.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-use crate::config::{Config, parse_duration, parse_size};
+use crate::config::{AuthConfig, Config, JwtKey, Secret, TlsConfig, parse_duration, parse_size};
 
 /// A WebSocket broadcast relay: what is published to a topic reaches every subscriber.
 #[derive(Debug, Parser)]
@@ -58,6 +59,54 @@ pub struct ServeArgs {
     /// On SIGINT/SIGTERM, how long to wait for close frames to flush.
     #[arg(long, env = "SHARDCAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// A client must finish TLS and send its request head within this time.
+    #[arg(long, env = "SHARDCAST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub handshake_timeout: Duration,
+    /// Above this many WebSocket connections from one IP address, upgrades get HTTP 429 [default: no limit].
+    #[arg(long, env = "SHARDCAST_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections_per_ip: Option<u64>,
+    /// Data messages a connection may publish per second, burst as many; beyond: close 1008 [default: no limit].
+    #[arg(long, env = "SHARDCAST_CLIENT_PUBLISH_RATE", value_parser = clap::value_parser!(u32).range(1..))]
+    pub client_publish_rate: Option<u32>,
+    /// HS256 secret for client JWTs. Prefer the file or the variable: flags show in `ps`.
+    #[arg(
+        long,
+        env = "SHARDCAST_JWT_SECRET",
+        hide_env_values = true,
+        group = "jwt"
+    )]
+    pub jwt_secret: Option<String>,
+    /// File holding the HS256 secret for client JWTs (a trailing newline is ignored).
+    #[arg(long, env = "SHARDCAST_JWT_SECRET_FILE", group = "jwt")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key that verifies client JWTs: RSA for RS256, EC P-256 for ES256.
+    #[arg(long, env = "SHARDCAST_JWT_PUBLIC_KEY", group = "jwt")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Bearer key that may POST /publish to any topic (repeatable; comma-separated in the variable).
+    #[arg(
+        long,
+        env = "SHARDCAST_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_key: Vec<String>,
+    /// File of API keys, one per line; blank lines and lines starting with # are skipped.
+    #[arg(long, env = "SHARDCAST_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Origin allowed to open a WebSocket: exact, or https://*.example.com (repeatable) [default: any].
+    #[arg(long, env = "SHARDCAST_ALLOWED_ORIGIN", value_delimiter = ',')]
+    pub allowed_origin: Vec<String>,
+    /// PEM certificate chain: serve wss:// and https:// (needs --tls-key).
+    #[arg(long, env = "SHARDCAST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "SHARDCAST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+fn read_file(flag: &str, path: &Path) -> Result<String, crate::Error> {
+    std::fs::read_to_string(path)
+        .map_err(|e| crate::Error::Config(format!("{flag} {}: {e}", path.display())))
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {
@@ -81,6 +130,38 @@ fn positive_size(s: &str) -> Result<usize, String> {
 impl ServeArgs {
     /// Turns parsed flags into a validated configuration.
     pub fn into_config(self) -> Result<Config, crate::Error> {
+        let jwt = if let Some(secret) = self.jwt_secret {
+            Some(JwtKey::Hs256(Secret::new(secret.into_bytes())))
+        } else if let Some(path) = &self.jwt_secret_file {
+            let secret = read_file("--jwt-secret-file", path)?;
+            let secret = secret.trim_end_matches(['\r', '\n']);
+            Some(JwtKey::Hs256(Secret::new(secret.as_bytes())))
+        } else if let Some(path) = &self.jwt_public_key {
+            let pem = std::fs::read(path).map_err(|e| {
+                crate::Error::Config(format!("--jwt-public-key {}: {e}", path.display()))
+            })?;
+            Some(JwtKey::PublicKeyPem(pem))
+        } else {
+            None
+        };
+        let mut api_keys: Vec<Secret> = self
+            .api_key
+            .into_iter()
+            .map(|k| Secret::new(k.into_bytes()))
+            .collect();
+        if let Some(path) = &self.api_key_file {
+            let text = read_file("--api-key-file", path)?;
+            api_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(|l| Secret::new(l.as_bytes())),
+            );
+        }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
+            _ => None, // clap requires both or neither
+        };
         let config = Config {
             listen: self.listen,
             shards: self
@@ -94,6 +175,17 @@ impl ServeArgs {
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
             client_publish: self.client_publish,
             drain_timeout: self.drain_timeout,
+            handshake_timeout: self.handshake_timeout,
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            client_publish_rate: self.client_publish_rate,
+            auth: AuthConfig {
+                jwt,
+                api_keys,
+                allowed_origins: self.allowed_origin,
+            },
+            tls,
         };
         config.validate()?;
         Ok(config)

@@ -3,7 +3,9 @@
 //! Command-line and environment handling live in `cli.rs`; this file only knows what a valid
 //! configuration is.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::Error;
@@ -31,6 +33,76 @@ pub struct Config {
     pub client_publish: bool,
     /// On shutdown, how long to wait for close frames to flush.
     pub drain_timeout: Duration,
+    /// A client must send its complete request head within this time, or it is disconnected.
+    pub handshake_timeout: Duration,
+    /// Above this many WebSocket connections from one IP address, new upgrades get HTTP 429.
+    /// `None`: no per-address limit.
+    pub max_connections_per_ip: Option<usize>,
+    /// Data messages a connection may publish per second (with a burst of as many); beyond
+    /// it the client is closed with 1008. `None`: no limit.
+    pub client_publish_rate: Option<u32>,
+    /// Who may subscribe and publish.
+    pub auth: AuthConfig,
+    /// Serve `wss://` and `https://` with this certificate; `None`: plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// Credentials and origin rules. The default is open: anyone may subscribe and publish.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Verifies the JWTs that grant subscribe and publish rights. With it, every WebSocket
+    /// needs a token.
+    pub jwt: Option<JwtKey>,
+    /// Bearer keys that may `POST /publish` to any topic.
+    pub api_keys: Vec<Secret>,
+    /// Browser origins allowed to open a WebSocket: exact (`https://app.example.com`) or a
+    /// subdomain wildcard (`https://*.example.com`). Empty: any origin.
+    pub allowed_origins: Vec<String>,
+}
+
+impl AuthConfig {
+    /// Whether any credential is configured (else the relay is open).
+    pub fn is_enabled(&self) -> bool {
+        self.jwt.is_some() || !self.api_keys.is_empty()
+    }
+}
+
+/// How JWT signatures are checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtKey {
+    /// A shared HS256 secret.
+    Hs256(Secret),
+    /// A PEM public key: RSA keys check RS256, EC P-256 keys check ES256.
+    PublicKeyPem(Vec<u8>),
+}
+
+/// Bytes that must never reach a log: `Debug` prints a placeholder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Box<[u8]>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Box<[u8]>>) -> Self {
+        Self(bytes.into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// PEM files for TLS, read when the server starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// Upper bound on `--shards`; the topic registry keeps a fixed-size shard bitset.
@@ -49,6 +121,11 @@ impl Default for Config {
             max_connections: 100_000,
             client_publish: true,
             drain_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections_per_ip: None,
+            client_publish_rate: None,
+            auth: AuthConfig::default(),
+            tls: None,
         }
     }
 }
@@ -74,6 +151,7 @@ impl Config {
             ("--ping-interval", self.ping_interval),
             ("--pong-timeout", self.pong_timeout),
             ("--write-timeout", self.write_timeout),
+            ("--handshake-timeout", self.handshake_timeout),
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must be greater than zero"));
@@ -84,6 +162,16 @@ impl Config {
         }
         if self.max_connections == 0 {
             return bad("--max-connections must be greater than zero".into());
+        }
+        if self.max_connections_per_ip == Some(0) {
+            return bad("--max-connections-per-ip must be greater than zero".into());
+        }
+        if self.client_publish_rate == Some(0) {
+            return bad("--client-publish-rate must be greater than zero".into());
+        }
+        crate::auth::Auth::new(&self.auth)?;
+        if let Some(tls) = &self.tls {
+            crate::tls::acceptor(tls)?;
         }
         let largest_frame =
             self.max_message_bytes + crate::frame::header_len(self.max_message_bytes);

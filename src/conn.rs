@@ -6,24 +6,54 @@ use std::cell::RefCell;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
 
+use crate::DisconnectReason;
 use crate::frame::{self, close_code};
+use crate::handshake::Publish;
 use crate::reader::{Event, FrameReader, ProtocolError};
 use crate::relay::{Relay, Slot};
 use crate::shard::{ConnShared, ShardMsg};
-use crate::{DisconnectReason, Topic};
+use crate::socket::Socket;
 
-/// What a connection may do with the data messages it sends.
-#[derive(Debug, Clone)]
-pub(crate) enum Publish {
-    /// Publish to this topic (a `/ws/{topic}` connection).
-    To(Topic),
-    /// Refuse with close 1008 and this reason.
-    Refuse(&'static str),
+/// `--client-publish-rate` for one connection, as the generic cell rate algorithm: one
+/// instant of state instead of a token count and a refill time. A message is allowed while
+/// the theoretical arrival time is at most `burst` intervals ahead of now.
+///
+/// Hand-written rather than `governor`: it must run on tokio's clock, which tests pause.
+#[derive(Debug)]
+struct RateLimit {
+    /// The time at which the bucket would be empty again.
+    tat: Instant,
+    interval: Duration,
+    /// `(burst - 1) * interval`: how far `tat` may run ahead of now.
+    tolerance: Duration,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        let interval = Duration::from_secs(1) / per_second;
+        Self {
+            tat: Instant::now(),
+            interval,
+            tolerance: interval * (per_second - 1),
+        }
+    }
+
+    /// Takes one message's allowance at `now`; false once the rate is exceeded.
+    fn allow(&mut self, now: Instant) -> bool {
+        let tat = self.tat.max(now);
+        if tat - now > self.tolerance {
+            return false;
+        }
+        self.tat = tat + self.interval;
+        true
+    }
 }
 
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -37,7 +67,7 @@ thread_local! {
 /// Waits until the socket is readable. Unlike `TcpStream::readable`, whose future carries a
 /// 150-byte waiter, this keeps only the waker tokio already stores per socket: the reader is
 /// the socket's only reader, so the single slot is enough.
-fn readable(stream: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
+fn readable(stream: &Socket) -> impl Future<Output = io::Result<()>> + '_ {
     std::future::poll_fn(move |cx| stream.poll_read_ready(cx))
 }
 
@@ -68,11 +98,13 @@ pub(crate) async fn serve(
         return;
     };
     let parser = FrameReader::new(relay.config().max_message_bytes);
+    let rate = relay.config().client_publish_rate.map(RateLimit::new);
     let mut reader = Reader {
         relay,
         slot,
         conn,
         publish,
+        rate,
         parser,
         events: Vec::new(),
     };
@@ -93,27 +125,31 @@ async fn attach(
     relay: &Relay,
     slot: Slot,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
-) -> Option<(Arc<TcpStream>, Bytes)> {
+) -> Option<(Arc<Socket>, Bytes)> {
     let Slot { shard, key, id } = slot;
-    let parts = match upgrade.await {
-        Ok(ws) => ws
-            .into_inner()
-            .into_inner()
-            .downcast::<TokioIo<TcpStream>>()
-            .ok()?,
+    let upgraded = match upgrade.await {
+        Ok(ws) => ws.into_inner().into_inner(),
         Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
             return None;
         }
     };
-    let stream = Arc::new(parts.io.into_inner());
+    // The server serves hyper only these two stream types (see `server.rs`).
+    let (socket, read_buf) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (Socket::Tcp(parts.io.into_inner()), parts.read_buf),
+        Err(upgraded) => {
+            let parts = upgraded.downcast::<TokioIo<UnixStream>>().ok()?;
+            (Socket::Local(parts.io.into_inner()), parts.read_buf)
+        }
+    };
+    let stream = Arc::new(socket);
     let attach = ShardMsg::Attach {
         key,
         id,
         stream: Arc::clone(&stream),
     };
     relay.to_shard(shard, attach).await.ok()?;
-    Some((stream, parts.read_buf))
+    Some((stream, read_buf))
 }
 
 struct Reader {
@@ -121,12 +157,13 @@ struct Reader {
     slot: Slot,
     conn: Arc<ConnShared>,
     publish: Publish,
+    rate: Option<RateLimit>,
     parser: FrameReader,
     events: Vec<Event>,
 }
 
 impl Reader {
-    async fn run(&mut self, stream: &TcpStream, first: Result<(), ProtocolError>) {
+    async fn run(&mut self, stream: &Socket, first: Result<(), ProtocolError>) {
         let mut result = first;
         loop {
             // Boxed: see `serve`. One allocation per read that completed a frame.
@@ -159,7 +196,7 @@ impl Reader {
     }
 
     /// One non-blocking read into the thread's scratch buffer, parsed at once.
-    fn read(&mut self, stream: &TcpStream) -> Read {
+    fn read(&mut self, stream: &Socket) -> Read {
         SCRATCH.with_borrow_mut(|buf| match stream.try_read(buf) {
             Ok(0) => Read::Eof,
             Ok(n) => {
@@ -184,6 +221,19 @@ impl Reader {
                 Event::Message { opcode, payload } => {
                     if self.conn.closing.load(Ordering::Acquire) {
                         continue; // the server already sent its close; data is ignored
+                    }
+                    if let Some(rate) = &mut self.rate
+                        && !rate.allow(Instant::now())
+                    {
+                        tracing::debug!("publish rate exceeded");
+                        self.close_for(
+                            close_code::POLICY,
+                            "publish rate exceeded",
+                            DisconnectReason::RateLimited,
+                        )
+                        .await;
+                        open = false;
+                        continue;
                     }
                     match &self.publish {
                         Publish::To(topic) => {
@@ -230,13 +280,18 @@ impl Reader {
     }
 
     async fn close(&self, code: u16, reason: &'static str) {
+        self.close_for(code, reason, DisconnectReason::ProtocolError)
+            .await;
+    }
+
+    async fn close_for(&self, code: u16, reason: &'static str, why: DisconnectReason) {
         let Slot { shard, key, id } = self.slot;
         let msg = ShardMsg::Close {
             key,
             id,
             code,
             reason,
-            why: DisconnectReason::ProtocolError,
+            why,
         };
         let _ = self.relay.to_shard(shard, msg).await;
     }
@@ -245,7 +300,7 @@ impl Reader {
     /// shard frees the connection (which shuts the socket down, ending this with end-of-file).
     /// Reading on keeps the kernel from answering the client's late bytes with a reset that
     /// could destroy our close frame before the client reads it.
-    async fn drain(&mut self, stream: &TcpStream) {
+    async fn drain(&mut self, stream: &Socket) {
         loop {
             if readable(stream).await.is_err() {
                 return;
@@ -259,5 +314,29 @@ impl Reader {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_a_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut r = RateLimit::new(4);
+        r.tat = start;
+        for _ in 0..4 {
+            assert!(r.allow(start));
+        }
+        assert!(!r.allow(start), "the fifth message in the same instant");
+        assert!(r.allow(start + Duration::from_millis(250)));
+        assert!(!r.allow(start + Duration::from_millis(250)));
+        // A quiet second refills the whole burst, and no more.
+        let later = start + Duration::from_secs(3);
+        for _ in 0..4 {
+            assert!(r.allow(later));
+        }
+        assert!(!r.allow(later));
     }
 }

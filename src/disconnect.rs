@@ -16,16 +16,19 @@ pub enum DisconnectReason {
     WriteTimeout,
     /// The server shut down (close 1001).
     Shutdown,
+    /// It published faster than `--client-publish-rate` (close 1008).
+    RateLimited,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 6] = [
+    pub const ALL: [DisconnectReason; 7] = [
         Self::ClientClose,
         Self::SlowConsumer,
         Self::PongTimeout,
         Self::ProtocolError,
         Self::WriteTimeout,
         Self::Shutdown,
+        Self::RateLimited,
     ];
 
     /// The label used in logs (and the metrics of the operations work).
@@ -37,6 +40,7 @@ impl DisconnectReason {
             Self::ProtocolError => "protocol_error",
             Self::WriteTimeout => "write_timeout",
             Self::Shutdown => "shutdown",
+            Self::RateLimited => "rate_limited",
         }
     }
 
@@ -47,7 +51,7 @@ impl DisconnectReason {
 
 /// Disconnect counts by reason. Shards own one each and only add to it; readers sum copies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DisconnectCounts([u64; 6]);
+pub struct DisconnectCounts([u64; DisconnectReason::ALL.len()]);
 
 impl DisconnectCounts {
     pub(crate) fn record(&mut self, why: DisconnectReason) {

@@ -1,5 +1,6 @@
-//! The HTTP side of the one port: routing, the WebSocket upgrade checks, `POST /publish` and
-//! `/healthz`. What happens after an upgrade lives in `conn.rs`.
+//! The I/O half of request handling: acts on the checks of `handshake.rs`, admits WebSocket
+//! connections against the connection limits, performs the upgrade, and serves
+//! `POST /publish` and `/healthz`. What happens after an upgrade lives in `conn.rs`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,13 +10,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 
-use crate::conn::{self, Publish};
+use crate::Error;
 use crate::frame::Opcode;
+use crate::handshake::{self, Policy, RejectReason, Rejection, Route};
 use crate::relay::Relay;
 use crate::shard::ConnShared;
-use crate::{Error, Topic};
 
 pub(crate) type Body = Full<Bytes>;
 
@@ -29,9 +30,32 @@ fn reply(status: StatusCode, text: &'static str) -> Response<Body> {
     res
 }
 
-fn refuse(peer: SocketAddr, status: StatusCode, why: &'static str) -> Response<Body> {
-    tracing::debug!(%peer, status = status.as_u16(), why, "request refused");
-    reply(status, why)
+/// Counts, logs at debug and answers a refusal.
+fn refuse(relay: &Relay, peer: SocketAddr, r: Rejection) -> Response<Body> {
+    relay.reject(r.reason);
+    tracing::debug!(%peer, status = r.status.as_u16(), reason = r.reason.as_str(), "request refused");
+    let mut res = reply(r.status, r.message);
+    if let Some((name, value)) = r.header {
+        res.headers_mut().insert(name, value);
+    }
+    res
+}
+
+fn policy(relay: &Relay) -> Policy<'_> {
+    let config = relay.config();
+    Policy {
+        auth: &relay.shared.auth,
+        client_publish: config.client_publish,
+        max_message_bytes: config.max_message_bytes,
+    }
+}
+
+fn shutting_down() -> Rejection {
+    Rejection::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        RejectReason::ShuttingDown,
+        "shutting down\n",
+    )
 }
 
 /// Routes one request. Never fails: every problem is an HTTP status.
@@ -40,160 +64,63 @@ pub(crate) async fn handle(
     relay: Relay,
     peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
-    let path = req.uri().path();
-    let res = if path == "/healthz" {
-        reply(StatusCode::OK, "ok")
-    } else if path == "/ws" || path.starts_with("/ws/") {
-        upgrade(req, relay, peer).await
-    } else if let Some(topic) = path.strip_prefix("/publish/") {
-        let topic = topic.to_owned();
-        publish(req, &topic, relay, peer).await
-    } else {
-        refuse(peer, StatusCode::NOT_FOUND, "not found\n")
+    let res = match handshake::route(req.uri().path()) {
+        Route::Health => reply(StatusCode::OK, "ok"),
+        Route::Ws => upgrade(req, relay, peer).await,
+        Route::Publish(topic) => {
+            let topic = topic.to_owned();
+            publish(req, &topic, relay, peer).await
+        }
+        Route::NotFound => refuse(
+            &relay,
+            peer,
+            Rejection::new(StatusCode::NOT_FOUND, RejectReason::NotFound, "not found\n"),
+        ),
     };
     Ok(res)
 }
 
-/// The topics a `/ws` request names, and whether it may publish.
-fn ws_topics(req: &Request<Incoming>) -> Result<(Box<[Topic]>, Publish), &'static str> {
-    if let Some(name) = req.uri().path().strip_prefix("/ws/") {
-        let topic = Topic::new(name).map_err(|_| "bad topic\n")?;
-        return Ok((Box::new([topic.clone()]), Publish::To(topic)));
-    }
-    let mut topics: Vec<Topic> = Vec::new();
-    let query = req.uri().query().unwrap_or("");
-    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        if k == "topic" {
-            let t = Topic::new(&v).map_err(|_| "bad topic\n")?;
-            if !topics.contains(&t) {
-                topics.push(t);
-            }
-        }
-    }
-    if topics.is_empty() {
-        return Err("name a topic: /ws/{topic} or /ws?topic=a&topic=b\n");
-    }
-    Ok((
-        topics.into_boxed_slice(),
-        Publish::Refuse("publish needs a single-topic connection"),
-    ))
-}
-
-fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
-    req.headers()
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// A `Sec-WebSocket-Key` must be the base64 of 16 bytes (RFC 6455 §4.1).
-fn valid_key(key: &[u8]) -> bool {
-    key.len() == 24
-        && key.ends_with(b"==")
-        && key[..22]
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
-}
-
 async fn upgrade(mut req: Request<Incoming>, relay: Relay, peer: SocketAddr) -> Response<Body> {
-    if req.method() != Method::GET {
-        let mut res = refuse(
-            peer,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "use GET to open a websocket\n",
-        );
-        res.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET"));
-        return res;
-    }
-    let (topics, publish) = match ws_topics(&req) {
-        Ok(t) => t,
-        Err(why) => return refuse(peer, StatusCode::BAD_REQUEST, why),
+    let checked = handshake::check_upgrade(req.method(), req.uri(), req.headers(), policy(&relay));
+    let handshake::Upgrade { topics, publish } = match checked {
+        Ok(u) => u,
+        Err(r) => return refuse(&relay, peer, r),
     };
-    let publish = if relay.config().client_publish {
-        publish
-    } else {
-        Publish::Refuse("client publish is disabled on this server")
-    };
-    if !header_has_token(&req, header::UPGRADE, "websocket")
-        || !header_has_token(&req, header::CONNECTION, "upgrade")
-    {
-        let mut res = refuse(
-            peer,
-            StatusCode::UPGRADE_REQUIRED,
-            "this endpoint needs a websocket upgrade\n",
-        );
-        res.headers_mut()
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        return res;
-    }
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        let mut res = refuse(
-            peer,
-            StatusCode::UPGRADE_REQUIRED,
-            "unsupported websocket version\n",
-        );
-        res.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return res;
-    }
-    if !req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .is_some_and(|k| valid_key(k.as_bytes()))
-    {
-        return refuse(
-            peer,
-            StatusCode::BAD_REQUEST,
-            "missing or malformed sec-websocket-key\n",
-        );
-    }
-    let Some(permit) = relay.try_admit() else {
-        return refuse(
-            peer,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "connection limit reached\n",
-        );
+    let admission = match relay.try_admit(peer.ip()) {
+        Ok(a) => a,
+        Err(why) => {
+            let (status, message) = match why {
+                RejectReason::PerIpLimit => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from this address\n",
+                ),
+                _ => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "connection limit reached\n",
+                ),
+            };
+            return refuse(&relay, peer, Rejection::new(status, why, message));
+        }
     };
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(r) => r,
-        Err(_) => return refuse(peer, StatusCode::BAD_REQUEST, "bad websocket handshake\n"),
+        Err(_) => {
+            let r = Rejection::new(
+                StatusCode::BAD_REQUEST,
+                RejectReason::BadKey,
+                "bad websocket handshake\n",
+            );
+            return refuse(&relay, peer, r);
+        }
     };
     let conn = Arc::new(ConnShared::default());
-    let slot = match relay.reserve(topics, Arc::clone(&conn), permit).await {
+    let slot = match relay.reserve(topics, Arc::clone(&conn), admission).await {
         Ok(slot) => slot,
-        Err(_) => return refuse(peer, StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        Err(_) => return refuse(&relay, peer, shutting_down()),
     };
     tracing::debug!(%peer, shard = slot.shard, id = slot.id, "websocket opened");
-    tokio::spawn(conn::serve(relay, slot, conn, publish, fut));
+    tokio::spawn(crate::conn::serve(relay, slot, conn, publish, fut));
     response.map(|_| Full::new(Bytes::new()))
-}
-
-/// `Content-Type` values that make a text frame.
-fn is_text(req: &Request<Incoming>) -> bool {
-    let Some(ct) = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let mime = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    mime.starts_with("text/") || mime == "application/json"
 }
 
 async fn publish(
@@ -202,55 +129,44 @@ async fn publish(
     relay: Relay,
     peer: SocketAddr,
 ) -> Response<Body> {
-    if req.method() != Method::POST {
-        let mut res = refuse(
-            peer,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "use POST to publish\n",
-        );
-        res.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return res;
-    }
-    let Ok(topic) = Topic::new(topic) else {
-        return refuse(peer, StatusCode::BAD_REQUEST, "bad topic\n");
+    let checked = handshake::check_publish(
+        req.method(),
+        req.uri(),
+        topic,
+        req.headers(),
+        policy(&relay),
+    );
+    let handshake::PublishRequest { topic, opcode } = match checked {
+        Ok(p) => p,
+        Err(r) => return refuse(&relay, peer, r),
     };
     let max = relay.config().max_message_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return refuse(peer, StatusCode::PAYLOAD_TOO_LARGE, "message too big\n");
-    }
-    let opcode = if is_text(&req) {
-        Opcode::Text
-    } else {
-        Opcode::Binary
-    };
     // Reads at most `max` bytes (plus one chunk) before giving up: the rest is never buffered.
     let body = match Limited::new(req.into_body(), max).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return refuse(peer, StatusCode::PAYLOAD_TOO_LARGE, "message too big\n");
+            return refuse(&relay, peer, handshake::too_large());
         }
-        Err(_) => return refuse(peer, StatusCode::BAD_REQUEST, "failed to read the body\n"),
+        Err(_) => {
+            let r = Rejection::new(
+                StatusCode::BAD_REQUEST,
+                RejectReason::BadBody,
+                "failed to read the body\n",
+            );
+            return refuse(&relay, peer, r);
+        }
     };
     if opcode == Opcode::Text && simdutf8::basic::from_utf8(&body).is_err() {
-        return refuse(
-            peer,
+        let r = Rejection::new(
             StatusCode::BAD_REQUEST,
+            RejectReason::BadBody,
             "text body is not valid utf-8\n",
         );
+        return refuse(&relay, peer, r);
     }
     match relay.publish(&topic, opcode, &body).await {
         Ok(_) => reply(StatusCode::ACCEPTED, "queued\n"),
-        Err(Error::ShuttingDown) => {
-            refuse(peer, StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-        }
-        Err(Error::MessageTooLarge { .. }) => {
-            refuse(peer, StatusCode::PAYLOAD_TOO_LARGE, "message too big\n")
-        }
-        Err(_) => refuse(peer, StatusCode::INTERNAL_SERVER_ERROR, "publish failed\n"),
+        Err(Error::MessageTooLarge { .. }) => refuse(&relay, peer, handshake::too_large()),
+        Err(_) => refuse(&relay, peer, shutting_down()),
     }
 }

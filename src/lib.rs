@@ -3,7 +3,10 @@
 //!
 //! The components, in the order a message meets them:
 //! - `server`: the accept loop and the lifecycle ([`run`], [`Server`]).
-//! - `http`: routing, upgrade checks, `POST /publish/{topic}`.
+//! - `tls`: optional TLS termination in front of everything else.
+//! - `handshake`: routing and every request check, pure and fuzzable.
+//! - `auth`: JWT, API keys and the origin allowlist that `handshake` consults.
+//! - `http`: admission against the connection limits, the upgrade, `POST /publish/{topic}`.
 //! - `conn` and `reader`: a connection's reader task and its buffer-free frame parser.
 //! - `relay`: the one publish function and the topic interest registry ([`Relay`]).
 //! - `frame`: encodes each published frame once.
@@ -13,24 +16,31 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the invariants that hold these together.
 
+pub mod auth;
 pub mod cli;
 mod config;
 mod conn;
 mod disconnect;
 mod error;
 pub mod frame;
+pub mod handshake;
 mod http;
 pub mod reader;
 mod relay;
 mod server;
 mod shard;
+mod socket;
+mod tls;
 mod topic;
 mod wheel;
 
-pub use config::{Config, MAX_SHARDS, parse_duration, parse_size};
+pub use config::{
+    AuthConfig, Config, JwtKey, MAX_SHARDS, Secret, TlsConfig, parse_duration, parse_size,
+};
 pub use disconnect::{DisconnectCounts, DisconnectReason};
 pub use error::Error;
 pub use frame::Opcode;
+pub use handshake::{RejectReason, RejectionCounts};
 pub use relay::{Relay, Stats};
 pub use server::{Server, run};
 pub use topic::{MAX_TOPIC_LEN, Topic, TopicError};

@@ -1,6 +1,7 @@
 //! The shared relay state: the one publish function, the topic interest registry, and the
 //! handle embedders and tests use. The per-shard client state lives in `shard.rs`, not here.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
@@ -8,8 +9,10 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+use crate::auth::Auth;
 use crate::config::{Config, MAX_SHARDS};
 use crate::frame::{self, Opcode};
+use crate::handshake::{RejectReason, Rejections};
 use crate::shard::{ShardMsg, ShardStats};
 use crate::{Error, Topic};
 
@@ -62,6 +65,16 @@ pub(crate) struct Shared {
     next_conn_id: AtomicU64,
     /// One permit per WebSocket connection, held by the shard until the client is freed.
     permits: Arc<Semaphore>,
+    /// WebSocket connections per client address, kept only with `--max-connections-per-ip`.
+    ///
+    /// Invariant: an address's count is the number of live [`IpSlot`]s for it; the slot that
+    /// takes the count to zero removes the entry, so the map never holds an address with no
+    /// connection. Touched once per connection (admit and free), never per message.
+    per_ip: DashMap<IpAddr, u32>,
+    /// Credentials and origin rules, parsed once at start.
+    pub(crate) auth: Auth,
+    /// Refused requests by reason.
+    pub(crate) rejections: Rejections,
     /// Set once shutdown starts; new upgrades and publishes are refused from then on.
     pub(crate) shutting_down: AtomicBool,
 }
@@ -93,10 +106,44 @@ pub struct Stats {
     pub deliveries: u64,
     /// Disconnects, by reason.
     pub disconnects: crate::DisconnectCounts,
+    /// Refused requests, by reason.
+    pub rejections: crate::RejectionCounts,
+}
+
+/// A WebSocket connection's admission: its share of `--max-connections` and of
+/// `--max-connections-per-ip`. The shard holds it until the client is freed; dropping it
+/// gives both back.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _ip: Option<IpSlot>,
+}
+
+/// One connection's count in [`Shared::per_ip`].
+#[derive(Debug)]
+struct IpSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        // The entry exists: this slot's count is in it (see `Shared::per_ip`).
+        self.shared.per_ip.remove_if_mut(&self.ip, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
 }
 
 impl Relay {
-    pub(crate) fn new(config: Config, shards: Vec<mpsc::Sender<ShardMsg>>) -> Self {
+    pub(crate) fn new(config: Config, auth: Auth, shards: Vec<mpsc::Sender<ShardMsg>>) -> Self {
         let permits = Arc::new(Semaphore::new(
             config.max_connections.min(Semaphore::MAX_PERMITS),
         ));
@@ -108,6 +155,9 @@ impl Relay {
                 next_shard: AtomicUsize::new(0),
                 next_conn_id: AtomicU64::new(1),
                 permits,
+                per_ip: DashMap::new(),
+                auth,
+                rejections: Rejections::default(),
                 shutting_down: AtomicBool::new(false),
             }),
         }
@@ -161,9 +211,44 @@ impl Relay {
         Ok(queued)
     }
 
-    /// Takes a connection permit, or `None` when `max_connections` are open.
-    pub(crate) fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
-        Arc::clone(&self.shared.permits).try_acquire_owned().ok()
+    /// Admits one more WebSocket connection from `ip`, or says which limit refuses it.
+    pub(crate) fn try_admit(&self, ip: IpAddr) -> Result<Admission, RejectReason> {
+        let permit = Arc::clone(&self.shared.permits)
+            .try_acquire_owned()
+            .map_err(|_| RejectReason::ConnectionLimit)?;
+        let ip_slot = match self.shared.config.max_connections_per_ip {
+            None => None,
+            Some(max) => {
+                let mut n = self.shared.per_ip.entry(ip).or_insert(0);
+                if *n as usize >= max {
+                    let empty = *n == 0;
+                    drop(n);
+                    if empty {
+                        self.shared.per_ip.remove_if(&ip, |_, n| *n == 0);
+                    }
+                    return Err(RejectReason::PerIpLimit);
+                }
+                *n += 1;
+                Some(IpSlot {
+                    shared: Arc::clone(&self.shared),
+                    ip,
+                })
+            }
+        };
+        Ok(Admission {
+            _permit: permit,
+            _ip: ip_slot,
+        })
+    }
+
+    /// Counts a refused request.
+    pub(crate) fn reject(&self, why: RejectReason) {
+        self.shared.rejections.record(why);
+    }
+
+    /// WebSocket connections currently counted for `ip` (0 without a per-address limit).
+    pub fn connections_from(&self, ip: IpAddr) -> usize {
+        self.shared.per_ip.get(&ip).map_or(0, |n| *n as usize)
     }
 
     /// Places a new connection on a shard and subscribes it to `topics` before returning, so
@@ -172,7 +257,7 @@ impl Relay {
         &self,
         topics: Box<[Topic]>,
         conn: Arc<crate::shard::ConnShared>,
-        permit: OwnedSemaphorePermit,
+        admission: Admission,
     ) -> Result<Slot, Error> {
         if self.shared.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -185,7 +270,7 @@ impl Relay {
             id,
             topics,
             conn,
-            permit,
+            admission,
             reply,
         };
         self.shared.shards[shard]
@@ -206,7 +291,10 @@ impl Relay {
 
     /// Sums the counters of every shard. Shards that have stopped are left out.
     pub async fn stats(&self) -> Stats {
-        let mut total = Stats::default();
+        let mut total = Stats {
+            rejections: self.shared.rejections.snapshot(),
+            ..Stats::default()
+        };
         for tx in &self.shared.shards {
             let (reply, rx) = oneshot::channel();
             if tx.send(ShardMsg::Stats(reply)).await.is_err() {

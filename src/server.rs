@@ -6,34 +6,53 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use hyper::rt::{Read, Write};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
+use crate::auth::Auth;
+use crate::handshake::RejectReason;
 use crate::relay::Relay;
 use crate::shard::{INBOX, Shard, ShardMsg};
 use crate::{Config, Error};
 
-/// How long a client may take to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head (request line and headers) accepted; larger gets 431. Also the
+/// most hyper buffers while reading a head, so a client cannot make it buffer more.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// A relay bound to a listener, with its shards started. Call [`Server::run`] to serve.
 pub struct Server {
     listener: TcpListener,
     relay: Relay,
     shards: Vec<JoinHandle<()>>,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Server {
     /// Validates `config` and starts its shards on the current tokio runtime.
     pub fn new(listener: TcpListener, config: Config) -> Result<Self, Error> {
         config.validate()?;
+        let auth = Auth::new(&config.auth)?;
+        if let Ok(addr) = listener.local_addr()
+            && !addr.ip().is_loopback()
+            && config.auth.jwt.is_none()
+        {
+            let what = if config.auth.api_keys.is_empty() {
+                "NO AUTHENTICATION: anyone who can reach this address may subscribe to and publish on every topic"
+            } else {
+                "websocket clients need no token: anyone who can reach this address may subscribe, and publish unless --client-publish=false"
+            };
+            tracing::warn!(%addr, "{what}; set --jwt-secret or --jwt-public-key (docs/security.md)");
+        }
+        let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let (senders, inboxes): (Vec<_>, Vec<_>) =
             (0..config.shards).map(|_| mpsc::channel(INBOX)).unzip();
-        let relay = Relay::new(config, senders);
+        let relay = Relay::new(config, auth, senders);
         let shards = inboxes
             .into_iter()
             .enumerate()
@@ -43,6 +62,7 @@ impl Server {
             listener,
             relay,
             shards,
+            tls,
         })
     }
 
@@ -62,6 +82,7 @@ impl Server {
             listener,
             relay,
             shards,
+            tls,
         } = self;
         tokio::pin!(shutdown);
         loop {
@@ -70,7 +91,14 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(serve_http(stream, peer, relay.clone()));
+                        match &tls {
+                            None => {
+                                tokio::spawn(serve_http(TokioIo::new(stream), peer, relay.clone()));
+                            }
+                            Some(acceptor) => {
+                                tokio::spawn(serve_tls(acceptor.clone(), stream, peer, relay.clone()));
+                            }
+                        }
                     }
                     Err(e) => {
                         // Usually out of file descriptors: back off instead of spinning.
@@ -96,15 +124,49 @@ impl Server {
     }
 }
 
-async fn serve_http(stream: tokio::net::TcpStream, peer: SocketAddr, relay: Relay) {
-    let service = service_fn(move |req| crate::http::handle(req, relay.clone(), peer));
+/// Serves HTTP/1.1 on one connection. `io` is a TCP stream or, behind TLS, a local socket;
+/// `conn.rs` takes either back after an upgrade.
+async fn serve_http<I>(io: TokioIo<I>, peer: SocketAddr, relay: Relay)
+where
+    TokioIo<I>: Read + Write + Unpin + Send + 'static,
+{
+    let timeout = relay.config().handshake_timeout;
+    let service = {
+        let relay = relay.clone();
+        service_fn(move |req| crate::http::handle(req, relay.clone(), peer))
+    };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service)
+        .header_read_timeout(timeout)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(io, service)
         .with_upgrades();
     if let Err(e) = conn.await {
+        if e.is_parse_too_large() {
+            relay.reject(RejectReason::HeadersTooLarge);
+        } else if e.is_timeout() {
+            relay.reject(RejectReason::HandshakeTimeout);
+        }
         tracing::debug!(%peer, error = %e, "http connection ended with an error");
+    }
+}
+
+/// Terminates TLS (within the handshake timeout), then serves HTTP on the plain side.
+async fn serve_tls(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    relay: Relay,
+) {
+    let timeout = relay.config().handshake_timeout;
+    match tokio::time::timeout(timeout, crate::tls::accept(&acceptor, tcp)).await {
+        Ok(Some(plain)) => serve_http(TokioIo::new(plain), peer, relay).await,
+        Ok(None) => {}
+        Err(_) => {
+            relay.reject(RejectReason::HandshakeTimeout);
+            tracing::debug!(%peer, "tls handshake timed out");
+        }
     }
 }
 

@@ -21,12 +21,12 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use indexmap::IndexSet;
 use slab::Slab;
-use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::frame::{self, close_code};
 use crate::relay::Relay;
+use crate::socket::Socket;
 use crate::wheel::TimerWheel;
 use crate::{DisconnectCounts, DisconnectReason, Topic};
 
@@ -62,13 +62,13 @@ pub(crate) enum ShardMsg {
         id: u64,
         topics: Box<[Topic]>,
         conn: Arc<ConnShared>,
-        permit: OwnedSemaphorePermit,
+        admission: crate::relay::Admission,
         reply: oneshot::Sender<usize>,
     },
     Attach {
         key: usize,
         id: u64,
-        stream: Arc<TcpStream>,
+        stream: Arc<Socket>,
     },
     /// A control reply (pong) for the client.
     Control {
@@ -139,7 +139,7 @@ enum Phase {
 struct Client {
     id: u64,
     /// `None` until the HTTP upgrade completes; frames queue up meanwhile.
-    stream: Option<Arc<TcpStream>>,
+    stream: Option<Arc<Socket>>,
     conn: Arc<ConnShared>,
     topics: Box<[Topic]>,
     queue: VecDeque<Bytes>,
@@ -156,7 +156,7 @@ struct Client {
     /// A `WriteCheck` entry is in the wheel. At most one per client, however often it stalls.
     write_check_pending: bool,
     phase: Phase,
-    _permit: OwnedSemaphorePermit,
+    _admission: crate::relay::Admission,
 }
 
 enum Flush {
@@ -327,7 +327,7 @@ impl Shard {
                 id,
                 topics,
                 conn,
-                permit,
+                admission,
                 reply,
             } => {
                 if self.draining {
@@ -347,7 +347,7 @@ impl Shard {
                     stalled_since: None,
                     write_check_pending: false,
                     phase: Phase::Open,
-                    _permit: permit,
+                    _admission: admission,
                 });
                 for topic in topics.iter() {
                     self.subscribe(topic, key);
@@ -363,7 +363,7 @@ impl Shard {
                 let Some(c) = self.client_mut(key, id) else {
                     // Freed while the upgrade was finishing (shutdown, or a slow consumer
                     // before it had a socket). End the reader the upgrade is about to start.
-                    let _ = socket2::SockRef::from(stream.as_ref()).shutdown(Shutdown::Both);
+                    stream.shutdown(Shutdown::Both);
                     return;
                 };
                 c.stream = Some(stream);
@@ -639,12 +639,12 @@ impl Shard {
             *write_shut = true;
             if let Some(s) = &c.stream {
                 // Half-close: the client sees our FIN after the close frame and can answer.
-                let _ = socket2::SockRef::from(s.as_ref()).shutdown(Shutdown::Write);
+                s.shutdown(Shutdown::Write);
             }
         }
     }
 
-    /// Frees a client: its topics, its queue, its socket and its connection permit.
+    /// Frees a client: its topics, its queue, its socket and its admission.
     fn finalize(&mut self, key: usize, why: DisconnectReason) {
         let Some(c) = self.clients.try_remove(key) else {
             return;
@@ -658,7 +658,7 @@ impl Shard {
         c.conn.closing.store(true, Ordering::Release);
         if let Some(s) = &c.stream {
             // Wakes the reader with end-of-file if it is still waiting.
-            let _ = socket2::SockRef::from(s.as_ref()).shutdown(Shutdown::Both);
+            s.shutdown(Shutdown::Both);
         }
         tracing::debug!(
             shard = self.index,

@@ -1,0 +1,395 @@
+//! Access control: JWT verification, API keys, topic grants and the origin allowlist.
+//!
+//! This file decides *whether* a request may do something. Which HTTP status a refusal gets,
+//! and where the token comes from, is decided in `handshake.rs`.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::config::{AuthConfig, JwtKey, Secret};
+use crate::{Error, Topic};
+
+/// Seconds of clock skew tolerated on `exp` and `nbf`.
+pub const JWT_LEEWAY_SECS: u64 = 30;
+
+/// A topic pattern from a token: an exact name, or a prefix ending in `*` (`prices.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicPattern {
+    Exact(Box<str>),
+    /// Matches every topic that starts with this (possibly empty) prefix.
+    Prefix(Box<str>),
+}
+
+impl TopicPattern {
+    pub fn parse(s: &str) -> Self {
+        match s.strip_suffix('*') {
+            Some(prefix) => Self::Prefix(prefix.into()),
+            None => Self::Exact(s.into()),
+        }
+    }
+
+    pub fn matches(&self, topic: &str) -> bool {
+        match self {
+            Self::Exact(name) => **name == *topic,
+            Self::Prefix(prefix) => topic.starts_with(&**prefix),
+        }
+    }
+}
+
+/// What a verified token allows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    pub subscribe: Box<[TopicPattern]>,
+    pub publish: Box<[TopicPattern]>,
+}
+
+impl Grants {
+    pub fn can_subscribe(&self, topic: &Topic) -> bool {
+        self.subscribe.iter().any(|p| p.matches(topic.as_str()))
+    }
+
+    pub fn can_publish(&self, topic: &Topic) -> bool {
+        self.publish.iter().any(|p| p.matches(topic.as_str()))
+    }
+}
+
+/// Why a credential was refused. Each maps to one HTTP status in `handshake.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("missing credential")]
+    Missing,
+    #[error("invalid credential")]
+    Invalid,
+    #[error("expired token")]
+    Expired,
+    #[error("topic not granted")]
+    NotGranted,
+}
+
+/// The claims shardcast reads. `exp` is required by the validation; unknown claims are
+/// ignored.
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    publish: Vec<String>,
+}
+
+struct Jwt {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// A `/ws` request's access once its credential is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// No JWT is configured: every topic may be subscribed and published.
+    Open,
+    /// Only what the token grants.
+    Granted(Grants),
+}
+
+impl Access {
+    pub fn can_subscribe(&self, topic: &Topic) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Granted(g) => g.can_subscribe(topic),
+        }
+    }
+
+    pub fn can_publish(&self, topic: &Topic) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Granted(g) => g.can_publish(topic),
+        }
+    }
+}
+
+/// The checks built from an [`AuthConfig`]: keys parsed once at start.
+pub struct Auth {
+    jwt: Option<Jwt>,
+    api_keys: Box<[Secret]>,
+    origins: Box<[OriginPattern]>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("jwt", &self.jwt.is_some())
+            .field("api_keys", &self.api_keys.len())
+            .field("origins", &self.origins)
+            .finish()
+    }
+}
+
+impl Auth {
+    /// Parses keys and origin patterns; a bad one is a configuration error naming its flag.
+    pub fn new(config: &AuthConfig) -> Result<Self, Error> {
+        let jwt = config.jwt.as_ref().map(jwt_from).transpose()?;
+        if config.api_keys.iter().any(|k| k.expose().is_empty()) {
+            return Err(Error::Config("--api-key must not be empty".into()));
+        }
+        let origins = config
+            .allowed_origins
+            .iter()
+            .map(|o| OriginPattern::parse(o))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            jwt,
+            api_keys: config.api_keys.clone().into_boxed_slice(),
+            origins,
+        })
+    }
+
+    /// Whether a WebSocket needs a token.
+    pub fn requires_token(&self) -> bool {
+        self.jwt.is_some()
+    }
+
+    /// Whether `POST /publish` needs a credential.
+    pub fn publish_requires_credential(&self) -> bool {
+        self.jwt.is_some() || !self.api_keys.is_empty()
+    }
+
+    /// Verifies a JWT: signature, algorithm, `exp` (required) and `nbf`.
+    pub fn verify(&self, token: &str) -> Result<Grants, Denied> {
+        let Some(jwt) = &self.jwt else {
+            return Err(Denied::Invalid);
+        };
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &jwt.key, &jwt.validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                match e.kind() {
+                    ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature => Denied::Expired,
+                    _ => Denied::Invalid,
+                }
+            })?;
+        let patterns = |v: Vec<String>| v.iter().map(|p| TopicPattern::parse(p)).collect();
+        Ok(Grants {
+            subscribe: patterns(data.claims.subscribe),
+            publish: patterns(data.claims.publish),
+        })
+    }
+
+    /// The access of a WebSocket request that carried `token` (if any).
+    pub fn subscriber(&self, token: Option<&str>) -> Result<Access, Denied> {
+        if self.jwt.is_none() {
+            return Ok(Access::Open);
+        }
+        let token = token.ok_or(Denied::Missing)?;
+        self.verify(token).map(Access::Granted)
+    }
+
+    /// Whether `token` may `POST /publish` to `topic`: an API key may publish anywhere, a JWT
+    /// where it grants publish.
+    pub fn publisher(&self, token: Option<&str>, topic: &Topic) -> Result<(), Denied> {
+        if !self.publish_requires_credential() {
+            return Ok(());
+        }
+        let token = token.ok_or(Denied::Missing)?;
+        if self.is_api_key(token.as_bytes()) {
+            return Ok(());
+        }
+        if self.jwt.is_none() {
+            return Err(Denied::Invalid);
+        }
+        if self.verify(token)?.can_publish(topic) {
+            Ok(())
+        } else {
+            Err(Denied::NotGranted)
+        }
+    }
+
+    /// Compares against every key without stopping early, each comparison in constant time.
+    fn is_api_key(&self, candidate: &[u8]) -> bool {
+        self.api_keys
+            .iter()
+            .fold(subtle::Choice::from(0), |found, key| {
+                found | key.expose().ct_eq(candidate)
+            })
+            .into()
+    }
+
+    /// Whether a request with this `Origin` header may open a WebSocket. Requests without one
+    /// (non-browser clients) always may.
+    pub fn origin_allowed(&self, origin: Option<&[u8]>) -> bool {
+        if self.origins.is_empty() {
+            return true;
+        }
+        let Some(origin) = origin else {
+            return true;
+        };
+        let Ok(origin) = std::str::from_utf8(origin) else {
+            return false;
+        };
+        let origin = origin.trim().to_ascii_lowercase();
+        self.origins.iter().any(|p| p.matches(&origin))
+    }
+}
+
+fn jwt_from(key: &JwtKey) -> Result<Jwt, Error> {
+    let (key, alg) = match key {
+        JwtKey::Hs256(secret) => {
+            if secret.expose().is_empty() {
+                return Err(Error::Config("--jwt-secret must not be empty".into()));
+            }
+            (DecodingKey::from_secret(secret.expose()), Algorithm::HS256)
+        }
+        JwtKey::PublicKeyPem(pem) => {
+            if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+                (k, Algorithm::RS256)
+            } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+                (k, Algorithm::ES256)
+            } else {
+                return Err(Error::Config(
+                    "--jwt-public-key: not an RSA or EC P-256 public key in PEM".into(),
+                ));
+            }
+        }
+    };
+    let mut validation = Validation::new(alg);
+    validation.leeway = JWT_LEEWAY_SECS;
+    validation.validate_nbf = true;
+    Ok(Jwt { key, validation })
+}
+
+/// An allowed origin: `scheme://host[:port]`, where the host may start with `*.` to allow
+/// every subdomain (not the bare domain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OriginPattern {
+    scheme: Box<str>,
+    /// Lowercase host and port; for a wildcard, the part after `*` (starting with `.`).
+    host: Box<str>,
+    wildcard: bool,
+}
+
+impl OriginPattern {
+    fn parse(s: &str) -> Result<Self, Error> {
+        let bad = || {
+            Error::Config(format!(
+                "--allowed-origin {s:?}: expected scheme://host[:port] or scheme://*.domain"
+            ))
+        };
+        let lower = s.trim().to_ascii_lowercase();
+        let (scheme, host) = lower.split_once("://").ok_or_else(bad)?;
+        if scheme.is_empty() || host.is_empty() || host.contains('/') {
+            return Err(bad());
+        }
+        let (host, wildcard) = match host.strip_prefix('*') {
+            Some(rest) if rest.starts_with('.') && rest.len() > 1 => (rest, true),
+            Some(_) => return Err(bad()),
+            None => (host, false),
+        };
+        if host.contains('*') {
+            return Err(bad());
+        }
+        Ok(Self {
+            scheme: scheme.into(),
+            host: host.into(),
+            wildcard,
+        })
+    }
+
+    /// `origin` is already trimmed and lowercase.
+    fn matches(&self, origin: &str) -> bool {
+        let Some((scheme, host)) = origin.split_once("://") else {
+            return false;
+        };
+        if scheme != &*self.scheme {
+            return false;
+        }
+        if self.wildcard {
+            host.len() > self.host.len() && host.ends_with(&*self.host)
+        } else {
+            host == &*self.host
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(s: &str) -> Topic {
+        Topic::new(s).expect("valid topic")
+    }
+
+    #[test]
+    fn patterns_match_exact_names_and_prefixes() {
+        assert!(TopicPattern::parse("chat").matches("chat"));
+        assert!(!TopicPattern::parse("chat").matches("chat2"));
+        assert!(TopicPattern::parse("prices.*").matches("prices.eur"));
+        assert!(!TopicPattern::parse("prices.*").matches("prices"));
+        assert!(TopicPattern::parse("*").matches("anything"));
+    }
+
+    #[test]
+    fn origins_match_exactly_or_by_subdomain() {
+        let auth = Auth::new(&AuthConfig {
+            allowed_origins: vec![
+                "https://app.example.com".into(),
+                "https://*.example.org".into(),
+            ],
+            ..AuthConfig::default()
+        })
+        .expect("valid origins");
+        assert!(auth.origin_allowed(None));
+        assert!(auth.origin_allowed(Some(b"https://app.example.com")));
+        assert!(auth.origin_allowed(Some(b"HTTPS://APP.example.com")));
+        assert!(!auth.origin_allowed(Some(b"http://app.example.com")));
+        assert!(!auth.origin_allowed(Some(b"https://evil.com")));
+        assert!(auth.origin_allowed(Some(b"https://a.example.org")));
+        assert!(!auth.origin_allowed(Some(b"https://example.org")));
+        assert!(!auth.origin_allowed(Some(b"https://evilexample.org")));
+        assert!(!auth.origin_allowed(Some(b"null")));
+        for bad in [
+            "example.com",
+            "https://",
+            "https://*",
+            "https://a/b",
+            "https://a*.b",
+        ] {
+            let c = AuthConfig {
+                allowed_origins: vec![bad.into()],
+                ..AuthConfig::default()
+            };
+            assert!(Auth::new(&c).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn api_keys_and_tokens_gate_publish() {
+        let secret = b"s3cret".to_vec();
+        let auth = Auth::new(&AuthConfig {
+            jwt: Some(JwtKey::Hs256(Secret::new(secret.clone()))),
+            api_keys: vec![Secret::new(b"key-1".to_vec())],
+            ..AuthConfig::default()
+        })
+        .expect("valid auth");
+        let t = topic("prices.eur");
+        assert_eq!(auth.publisher(None, &t), Err(Denied::Missing));
+        assert_eq!(auth.publisher(Some("key-1"), &t), Ok(()));
+        assert_eq!(auth.publisher(Some("key-2"), &t), Err(Denied::Invalid));
+        let exp = jsonwebtoken::get_current_timestamp() + 600;
+        let token = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(&secret),
+            )
+            .expect("encode token")
+        };
+        let good = token(serde_json::json!({"exp": exp, "publish": ["prices.*"]}));
+        assert_eq!(auth.publisher(Some(&good), &t), Ok(()));
+        assert_eq!(
+            auth.publisher(Some(&good), &topic("chat")),
+            Err(Denied::NotGranted)
+        );
+        let old = token(serde_json::json!({"exp": exp - 7200, "publish": ["*"]}));
+        assert_eq!(auth.publisher(Some(&old), &t), Err(Denied::Expired));
+        let no_exp = token(serde_json::json!({"publish": ["*"]}));
+        assert_eq!(auth.publisher(Some(&no_exp), &t), Err(Denied::Invalid));
+    }
+}
