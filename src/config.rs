@@ -65,6 +65,19 @@ impl AuthConfig {
     pub fn is_enabled(&self) -> bool {
         self.jwt.is_some() || !self.api_keys.is_empty()
     }
+
+    /// The warning to log loudly at start when a listener that is not on loopback lets
+    /// clients in without a token.
+    pub fn open_access_warning(&self, addr: SocketAddr) -> Option<&'static str> {
+        if addr.ip().is_loopback() || self.jwt.is_some() {
+            return None;
+        }
+        Some(if self.api_keys.is_empty() {
+            "NO AUTHENTICATION: anyone who can reach this address may subscribe to and publish on every topic"
+        } else {
+            "websocket clients need no token: anyone who can reach this address may subscribe, and publish unless --client-publish=false"
+        })
+    }
 }
 
 /// How JWT signatures are checked.
@@ -214,6 +227,30 @@ mod tests {
         assert_eq!(parse_size("64KiB"), Ok(65536));
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn only_open_access_off_loopback_is_warned_about() {
+        let open = AuthConfig::default();
+        let public: SocketAddr = "0.0.0.0:8080".parse().expect("addr");
+        let v6_loopback: SocketAddr = "[::1]:8080".parse().expect("addr");
+        assert!(open.open_access_warning(Config::default().listen).is_none());
+        assert!(open.open_access_warning(v6_loopback).is_none());
+        assert!(
+            open.open_access_warning(public)
+                .unwrap()
+                .contains("NO AUTHENTICATION")
+        );
+        let keys_only = AuthConfig {
+            api_keys: vec![Secret::new(b"k".to_vec())],
+            ..AuthConfig::default()
+        };
+        assert!(keys_only.open_access_warning(public).is_some());
+        let jwt = AuthConfig {
+            jwt: Some(JwtKey::Hs256(Secret::new(b"k".to_vec()))),
+            ..AuthConfig::default()
+        };
+        assert!(jwt.open_access_warning(public).is_none());
     }
 
     #[test]

@@ -39,14 +39,8 @@ impl Server {
         config.validate()?;
         let auth = Auth::new(&config.auth)?;
         if let Ok(addr) = listener.local_addr()
-            && !addr.ip().is_loopback()
-            && config.auth.jwt.is_none()
+            && let Some(what) = config.auth.open_access_warning(addr)
         {
-            let what = if config.auth.api_keys.is_empty() {
-                "NO AUTHENTICATION: anyone who can reach this address may subscribe to and publish on every topic"
-            } else {
-                "websocket clients need no token: anyone who can reach this address may subscribe, and publish unless --client-publish=false"
-            };
             tracing::warn!(%addr, "{what}; set --jwt-secret or --jwt-public-key (docs/security.md)");
         }
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;

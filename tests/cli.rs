@@ -23,6 +23,30 @@ fn bad_values_exit_with_code_2_and_name_the_flag() {
         ),
         (&["--shards", "0"], "--shards"),
         (&["--send-queue-bytes", "1KiB"], "--send-queue-bytes"),
+        (
+            &["--jwt-public-key", "/nonexistent/key.pem"],
+            "--jwt-public-key",
+        ),
+        (
+            &["--jwt-secret", "a", "--jwt-secret-file", "b"],
+            "--jwt-secret",
+        ),
+        (&["--tls-cert", "/nonexistent/cert.pem"], "--tls-key"),
+        (
+            &[
+                "--tls-cert",
+                "/nonexistent/c.pem",
+                "--tls-key",
+                "/nonexistent/k.pem",
+            ],
+            "--tls-cert",
+        ),
+        (&["--allowed-origin", "example.com"], "--allowed-origin"),
+        (&["--client-publish-rate", "0"], "--client-publish-rate"),
+        (
+            &["--max-connections-per-ip", "0"],
+            "--max-connections-per-ip",
+        ),
     ] {
         let out = shardcast().args(args).output().expect("run shardcast");
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -1,0 +1,281 @@
+//! Access control over real sockets: JWT grants on upgrades and client publishes, API keys and
+//! tokens on `POST /publish`, the origin allowlist, the per-address limit and the publish rate.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use shardcast::{AuthConfig, Config, DisconnectReason, JwtKey, RejectReason, Secret};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &[u8] = b"test-secret-of-reasonable-length";
+
+fn hs256(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET),
+    )
+    .expect("encode a test token")
+}
+
+fn in_an_hour() -> u64 {
+    jsonwebtoken::get_current_timestamp() + 3600
+}
+
+fn jwt_config(api_keys: &[&str]) -> Config {
+    Config {
+        auth: AuthConfig {
+            jwt: Some(JwtKey::Hs256(Secret::new(SECRET))),
+            api_keys: api_keys.iter().map(|k| Secret::new(k.as_bytes())).collect(),
+            ..AuthConfig::default()
+        },
+        ..config()
+    }
+}
+
+/// A WebSocket upgrade request for `path` with extra header lines.
+fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+fn publish_request(path: &str, auth: Option<&str>, body: &str) -> String {
+    let auth = auth.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn tokens_gate_upgrades_by_topic() {
+    let s = start(jwt_config(&[])).await;
+    let reader = hs256(serde_json::json!({"exp": in_an_hour(), "subscribe": ["news.*"]}));
+    let expired = hs256(serde_json::json!({"exp": 1_000_000, "subscribe": ["*"]}));
+    let no_exp = hs256(serde_json::json!({"subscribe": ["*"]}));
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"exp": in_an_hour(), "subscribe": ["*"]}),
+        &jsonwebtoken::EncodingKey::from_secret(b"another secret"),
+    )
+    .expect("encode");
+    for (path, extra, status) in [
+        ("/ws/news.a".to_string(), String::new(), 401),
+        (format!("/ws/news.a?token={expired}"), String::new(), 401),
+        (format!("/ws/news.a?token={no_exp}"), String::new(), 401),
+        (format!("/ws/news.a?token={forged}"), String::new(), 401),
+        ("/ws/news.a?token=not.a.jwt".into(), String::new(), 401),
+        (format!("/ws/chat?token={reader}"), String::new(), 403),
+        (
+            format!("/ws?topic=news.a&topic=chat&token={reader}"),
+            String::new(),
+            403,
+        ),
+        (
+            "/ws/chat".into(),
+            format!("Authorization: Bearer {reader}\r\n"),
+            403,
+        ),
+        (format!("/ws/news.a?token={reader}"), String::new(), 101),
+        (
+            "/ws/news.b".into(),
+            format!("Authorization: Bearer {reader}\r\n"),
+            101,
+        ),
+    ] {
+        let (got, text) = s.http(&upgrade_request(&path, &extra)).await;
+        assert_eq!(got, status, "{path} {extra}: {text}");
+        if status == 401 {
+            assert!(
+                text.to_ascii_lowercase()
+                    .contains("www-authenticate: bearer"),
+                "{text}"
+            );
+        }
+    }
+    let stats = s.relay.stats().await;
+    assert_eq!(stats.rejections.get(RejectReason::Unauthorized), 5);
+    assert_eq!(stats.rejections.get(RejectReason::Forbidden), 3);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_without_publish_rights_gets_1008_on_data() {
+    let s = start(jwt_config(&[])).await;
+    let reader = hs256(serde_json::json!({"exp": in_an_hour(), "subscribe": ["room"]}));
+    let writer = hs256(serde_json::json!({
+        "exp": in_an_hour(), "subscribe": ["room"], "publish": ["room"],
+    }));
+    let mut r = s.connect(&format!("/ws/room?token={reader}")).await;
+    let mut w = s.connect(&format!("/ws/room?token={writer}")).await;
+    send_text(&mut w, "from the writer").await;
+    assert_eq!(
+        next_data(&mut r).await.into_text().unwrap(),
+        "from the writer"
+    );
+    send_text(&mut r, "from the reader").await;
+    assert_eq!(close_code(&mut r).await, Some(1008));
+    // The writer got its own message, and nothing from the reader.
+    assert_eq!(
+        next_data(&mut w).await.into_text().unwrap(),
+        "from the writer"
+    );
+    send_text(&mut w, "still here").await;
+    assert_eq!(next_data(&mut w).await.into_text().unwrap(), "still here");
+    drop((r, w));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn http_publish_takes_an_api_key_or_a_publishing_token() {
+    let s = start(jwt_config(&["key-one", "key-two"])).await;
+    let sub = hs256(serde_json::json!({"exp": in_an_hour(), "subscribe": ["prices.*"]}));
+    let publisher = hs256(serde_json::json!({"exp": in_an_hour(), "publish": ["prices.*"]}));
+    let mut ws = s.connect(&format!("/ws/prices.eur?token={sub}")).await;
+    for (auth, status) in [
+        (None, 401),
+        (Some("key-three"), 401),
+        (Some(sub.as_str()), 403),
+        (Some("key-two"), 202),
+        (Some(publisher.as_str()), 202),
+    ] {
+        let req = publish_request("/publish/prices.eur", auth, "tick");
+        assert_eq!(s.http(&req).await.0, status, "{auth:?}");
+    }
+    // The query string carries a token too.
+    let req = publish_request(&format!("/publish/prices.eur?token={publisher}"), None, "q");
+    assert_eq!(s.http(&req).await.0, 202);
+    for expected in ["tick", "tick", "q"] {
+        assert_eq!(next_data(&mut ws).await.into_text().unwrap(), expected);
+    }
+    drop(ws);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn api_keys_alone_protect_publish_but_not_subscribe() {
+    let mut c = config();
+    c.auth.api_keys = vec![Secret::new(b"k".as_slice())];
+    let s = start(c).await;
+    let mut ws = s.connect("/ws/open").await;
+    assert_eq!(
+        s.http(&publish_request("/publish/open", None, "x")).await.0,
+        401
+    );
+    assert_eq!(
+        s.http(&publish_request("/publish/open", Some("k"), "y"))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(next_data(&mut ws).await.into_text().unwrap(), "y");
+    drop(ws);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn origins_outside_the_allowlist_get_403() {
+    let mut c = config();
+    c.auth.allowed_origins = vec![
+        "https://app.example.com".into(),
+        "https://*.example.org".into(),
+    ];
+    let s = start(c).await;
+    for (origin, status) in [
+        ("Origin: https://app.example.com\r\n", 101),
+        ("Origin: https://eu.example.org\r\n", 101),
+        ("", 101),
+        ("Origin: https://evil.example.net\r\n", 403),
+        ("Origin: https://example.org\r\n", 403),
+        ("Origin: null\r\n", 403),
+    ] {
+        let (got, text) = s.http(&upgrade_request("/ws/o", origin)).await;
+        assert_eq!(got, status, "{origin}: {text}");
+    }
+    assert_eq!(
+        s.relay.stats().await.rejections.get(RejectReason::Origin),
+        3
+    );
+    assert_still_serving(&s).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_per_address_limit_gives_429_and_frees_on_close() {
+    let s = start(Config {
+        max_connections_per_ip: Some(2),
+        ..config()
+    })
+    .await;
+    let ip = s.addr.ip();
+    let mut a = s.connect("/ws/ip").await;
+    let b = s.connect("/ws/ip").await;
+    assert_eq!(s.relay.connections_from(ip), 2);
+    let (status, _) = s.http(&upgrade_request("/ws/ip", "")).await;
+    assert_eq!(status, 429);
+    assert_eq!(
+        s.relay
+            .stats()
+            .await
+            .rejections
+            .get(RejectReason::PerIpLimit),
+        1
+    );
+    // Closing one gives its place back once the shard frees it.
+    a.send(Message::Close(None)).await.expect("send close");
+    assert_eq!(close_code(&mut a).await, Some(1000));
+    drop(a);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while s.relay.connections_from(ip) != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the closed connection is freed");
+    let c = s.connect("/ws/ip").await;
+    assert_eq!(s.relay.connections_from(ip), 2);
+    drop((b, c));
+    s.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn publishing_faster_than_the_rate_closes_with_1008() {
+    let s = start(Config {
+        client_publish_rate: Some(3),
+        ..config()
+    })
+    .await;
+    let mut watcher = s.connect("/ws/rate").await;
+    let mut fast = raw_ws(s.addr, "/ws/rate").await;
+    // Four messages in one write reach the reader together, at one instant of (paused) time.
+    let burst: Vec<u8> = (0..4)
+        .flat_map(|i| client_frame(true, 0x1, format!("m{i}").as_bytes()))
+        .collect();
+    raw_send(&mut fast, &burst).await;
+    assert_eq!(raw_close_code(&mut fast).await, 1008);
+    for i in 0..3 {
+        assert_eq!(
+            next_data(&mut watcher).await.into_text().unwrap(),
+            format!("m{i}")
+        );
+    }
+    // After a second the burst is back.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let mut again = raw_ws(s.addr, "/ws/rate").await;
+    let three: Vec<u8> = (0..3)
+        .flat_map(|i| client_frame(true, 0x1, format!("n{i}").as_bytes()))
+        .collect();
+    raw_send(&mut again, &three).await;
+    for i in 0..3 {
+        assert_eq!(
+            next_data(&mut watcher).await.into_text().unwrap(),
+            format!("n{i}")
+        );
+    }
+    let stats = s.relay.stats().await;
+    assert_eq!(stats.disconnects.get(DisconnectReason::RateLimited), 1);
+    s.stop().await;
+}

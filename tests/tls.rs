@@ -1,0 +1,174 @@
+//! TLS and key handling over real sockets: `wss://` and `https://` on one port with a
+//! certificate made at runtime, a plain-text client refused without harm, and ES256 tokens
+//! checked against a PEM public key.
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use futures_util::StreamExt;
+use shardcast::{Config, JwtKey, TlsConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_tungstenite::WebSocketStream;
+
+/// A self-signed certificate for `localhost`, written where the server can read it.
+struct Certificate {
+    _dir: tempfile::TempDir,
+    tls: TlsConfig,
+    connector: TlsConnector,
+}
+
+fn certificate() -> Certificate {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("generate a certificate");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ck.cert.der().clone())
+        .expect("trust the certificate");
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Certificate {
+        _dir: dir,
+        tls: TlsConfig { cert, key },
+        connector: TlsConnector::from(Arc::new(client)),
+    }
+}
+
+async fn tls_connect(c: &Certificate, s: &TestServer) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(s.addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("server name");
+    c.connector.connect(name, tcp).await.expect("tls handshake")
+}
+
+async fn wss(c: &Certificate, s: &TestServer, path: &str) -> WebSocketStream<TlsStream<TcpStream>> {
+    let stream = tls_connect(c, s).await;
+    let (ws, res) = tokio_tungstenite::client_async(format!("wss://localhost{path}"), stream)
+        .await
+        .expect("websocket handshake over tls");
+    assert_eq!(res.status(), 101);
+    ws
+}
+
+async fn https(c: &Certificate, s: &TestServer, request: &str) -> String {
+    let mut stream = tls_connect(c, s).await;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("write request");
+    let mut out = Vec::new();
+    // `Connection: close`: the server ends the stream after the response.
+    let _ = stream.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn next_text<S>(ws: &mut WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match ws.next().await {
+            Some(Ok(m)) if m.is_text() => return m.into_text().expect("text").to_string(),
+            Some(Ok(m)) if m.is_ping() || m.is_pong() => continue,
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn wss_and_https_share_the_port() {
+    let cert = certificate();
+    let s = start(Config {
+        tls: Some(cert.tls.clone()),
+        ..config()
+    })
+    .await;
+    let mut a = wss(&cert, &s, "/ws/secure").await;
+    let mut b = wss(&cert, &s, "/ws/secure").await;
+    futures_util::SinkExt::send(&mut a, "over tls".into())
+        .await
+        .expect("send");
+    assert_eq!(next_text(&mut b).await, "over tls");
+    assert_eq!(next_text(&mut a).await, "over tls");
+    let body = "from https";
+    let res = https(
+        &cert,
+        &s,
+        &format!(
+            "POST /publish/secure HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 202"), "{res}");
+    assert_eq!(next_text(&mut a).await, body);
+    assert_eq!(next_text(&mut b).await, body);
+    // A plain-text client on the TLS port gets nothing useful and harms no one.
+    let (status, _) = {
+        let mut plain = TcpStream::connect(s.addr).await.expect("connect");
+        plain
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = Vec::new();
+        let _ = plain.read_to_end(&mut buf).await;
+        (buf.starts_with(b"HTTP/1.1 200"), ())
+    };
+    assert!(!status, "plain HTTP must not be served on the TLS port");
+    futures_util::SinkExt::send(&mut b, "still secure".into())
+        .await
+        .expect("send");
+    assert_eq!(next_text(&mut a).await, "still secure");
+    drop((a, b));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn es256_tokens_are_checked_against_a_pem_public_key() {
+    let signer = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("ec key");
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("ec key");
+    let mut c = config();
+    c.auth.jwt = Some(JwtKey::PublicKeyPem(signer.public_key_pem().into_bytes()));
+    let s = start(c).await;
+    let token = |key: &rcgen::KeyPair| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &serde_json::json!({
+                "exp": jsonwebtoken::get_current_timestamp() + 600,
+                "subscribe": ["t"],
+            }),
+            &jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())
+                .expect("signing key"),
+        )
+        .expect("sign")
+    };
+    let upgrade = |t: String| {
+        format!(
+            "GET /ws/t?token={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    assert_eq!(s.http(&upgrade(token(&signer))).await.0, 101);
+    assert_eq!(s.http(&upgrade(token(&other))).await.0, 401);
+    // An HS256 token must not pass where ES256 is expected, whatever it is signed with.
+    let hs = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"exp": jsonwebtoken::get_current_timestamp() + 600, "subscribe": ["t"]}),
+        &jsonwebtoken::EncodingKey::from_secret(signer.public_key_pem().as_bytes()),
+    )
+    .expect("sign");
+    assert_eq!(s.http(&upgrade(hs)).await.0, 401);
+    s.stop().await;
+}
