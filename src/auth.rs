@@ -391,5 +391,8 @@ mod tests {
         assert_eq!(auth.publisher(Some(&old), &t), Err(Denied::Expired));
         let no_exp = token(serde_json::json!({"publish": ["*"]}));
         assert_eq!(auth.publisher(Some(&no_exp), &t), Err(Denied::Invalid));
+        // There is no audience setting, so a token meant for some audience is not for us.
+        let aud = token(serde_json::json!({"exp": exp, "aud": "billing", "publish": ["*"]}));
+        assert_eq!(auth.publisher(Some(&aud), &t), Err(Denied::Invalid));
     }
 }

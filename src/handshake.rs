@@ -57,10 +57,11 @@ pub enum RejectReason {
     ShuttingDown,
     HeadersTooLarge,
     HandshakeTimeout,
+    TlsHandshake,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 17] = [
         Self::NotFound,
         Self::MethodNotAllowed,
         Self::BadTopic,
@@ -77,6 +78,7 @@ impl RejectReason {
         Self::ShuttingDown,
         Self::HeadersTooLarge,
         Self::HandshakeTimeout,
+        Self::TlsHandshake,
     ];
 
     /// The label used in logs and metrics.
@@ -98,6 +100,7 @@ impl RejectReason {
             Self::ShuttingDown => "shutting_down",
             Self::HeadersTooLarge => "headers_too_large",
             Self::HandshakeTimeout => "handshake_timeout",
+            Self::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -97,6 +97,12 @@ impl FrameReader {
         }
     }
 
+    /// Bytes allocated for the message and the control frame in progress. Never more than
+    /// the message limit plus 125 (the largest control payload).
+    pub fn buffered(&self) -> usize {
+        self.msg.capacity() + self.ctrl.capacity()
+    }
+
     /// True once a close frame was parsed or a protocol error returned.
     pub fn is_done(&self) -> bool {
         matches!(self.state, State::Done)
@@ -239,7 +245,15 @@ impl FrameReader {
         if is_control(opcode) {
             self.ctrl.reserve_exact(len);
         } else {
-            self.msg.reserve(len);
+            // Grow geometrically, but never past the limit: a message that ends at the limit
+            // after many fragments must not leave a buffer up to twice as large.
+            let needed = self.msg.len() + len;
+            if needed > self.msg.capacity() {
+                let target = needed
+                    .max(self.msg.capacity().saturating_mul(2))
+                    .min(self.max_message);
+                self.msg.reserve_exact(target - self.msg.len());
+            }
         }
         if len == 0 {
             self.end_frame(out)
@@ -480,6 +494,21 @@ mod tests {
         hdr.extend_from_slice(&[0; 4]);
         assert_eq!(r.feed(&hdr, &mut Vec::new()).unwrap_err().code, 1009);
         assert_eq!(r.msg.capacity(), 0);
+        // Many small fragments up to the limit never allocate past it.
+        let max = 1000;
+        let mut r = FrameReader::new(max);
+        let mut out = Vec::new();
+        r.feed(&client_frame(false, OP_BINARY, &[7; 3]), &mut out)
+            .expect("first fragment");
+        for _ in 0..(max - 3) / 3 {
+            r.feed(&client_frame(false, OP_CONT, &[7; 3]), &mut out)
+                .expect("fragment");
+            assert!(r.buffered() <= max, "{} buffered", r.buffered());
+        }
+        r.feed(&client_frame(true, OP_CONT, &[7; 1]), &mut out)
+            .expect("last fragment");
+        assert!(matches!(&out[..], [Event::Message { payload, .. }] if payload.len() == max));
+        assert_eq!(r.buffered(), 0);
     }
 
     #[test]

@@ -156,7 +156,7 @@ async fn serve_tls(
     let timeout = relay.config().handshake_timeout;
     match tokio::time::timeout(timeout, crate::tls::accept(&acceptor, tcp)).await {
         Ok(Some(plain)) => serve_http(TokioIo::new(plain), peer, relay).await,
-        Ok(None) => {}
+        Ok(None) => relay.reject(RejectReason::TlsHandshake),
         Err(_) => {
             relay.reject(RejectReason::HandshakeTimeout);
             tracing::debug!(%peer, "tls handshake timed out");

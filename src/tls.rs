@@ -2,7 +2,7 @@
 //! that moves plain bytes between the encrypted stream and a local socket pair. Everything
 //! behind the pair (hyper, the reader, the shard) is the same as for plain TCP.
 //!
-//! The pump costs a task, two small buffers and two extra descriptors per TLS connection;
+//! The pump costs a task, two 8 KiB buffers and two extra descriptors per TLS connection;
 //! see `docs/security.md` for when to terminate TLS in front of the relay instead.
 
 use std::path::Path;
@@ -17,9 +17,9 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::{Error, TlsConfig};
 
-/// Bytes each pump buffers per direction. A frame larger than this takes several copies;
-/// back-pressure from a slow client still reaches the shard through the socket pair.
-const PUMP_BUFFER: usize = 16 * 1024;
+/// Bytes each pump buffers per direction, for the connection's lifetime. A larger frame takes
+/// several copies; back-pressure from a slow client still reaches the shard through the pair.
+const PUMP_BUFFER: usize = 8 * 1024;
 
 /// Reads the PEM files and builds the acceptor (TLS 1.2 and 1.3, ring provider, ALPN
 /// `http/1.1`).

@@ -128,6 +128,14 @@ async fn wss_and_https_share_the_port() {
         (buf.starts_with(b"HTTP/1.1 200"), ())
     };
     assert!(!status, "plain HTTP must not be served on the TLS port");
+    assert_eq!(
+        s.relay
+            .stats()
+            .await
+            .rejections
+            .get(shardcast::RejectReason::TlsHandshake),
+        1
+    );
     futures_util::SinkExt::send(&mut b, "still secure".into())
         .await
         .expect("send");

@@ -5,7 +5,8 @@
 //! - no panic;
 //! - after an error or a close event, further feeds return `Ok` and produce no events;
 //! - every text message is valid UTF-8, every ping payload is at most 125 bytes;
-//! - no message payload exceeds the limit;
+//! - no message payload exceeds the limit, and the parser never holds more than the limit
+//!   plus one control payload;
 //! - the outcome (events and error) does not depend on how the wire is split.
 #![no_main]
 
@@ -25,6 +26,11 @@ fn run<'a>(
     for piece in pieces {
         let before = out.len();
         let res = reader.feed(piece, &mut out);
+        assert!(
+            reader.buffered() <= max + 125,
+            "{} bytes buffered with a limit of {max}",
+            reader.buffered()
+        );
         if ended {
             assert_eq!(res, Ok(()), "feed after the end must be a no-op");
             assert_eq!(out.len(), before, "events after an error or a close");
