@@ -219,16 +219,13 @@ impl Relay {
         let ip_slot = match self.shared.config.max_connections_per_ip {
             None => None,
             Some(max) => {
+                // `max >= 1` (validated), so a refused address always has an entry already.
                 let mut n = self.shared.per_ip.entry(ip).or_insert(0);
                 if *n as usize >= max {
-                    let empty = *n == 0;
-                    drop(n);
-                    if empty {
-                        self.shared.per_ip.remove_if(&ip, |_, n| *n == 0);
-                    }
                     return Err(RejectReason::PerIpLimit);
                 }
                 *n += 1;
+                drop(n);
                 Some(IpSlot {
                     shared: Arc::clone(&self.shared),
                     ip,
