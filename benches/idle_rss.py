@@ -9,13 +9,18 @@ Start the server with long heartbeats so the silent clients are not closed meanw
     ./target/release/shardcast --listen 127.0.0.1:9100 --ping-interval 10m --pong-timeout 10m &
     python3 benches/idle_rss.py --connections 15000 --port 9100 --pid $!
 
-Connections are spread over source addresses 127.0.0.2 and up, 10000 per address. This
+Connections are spread over source addresses 127.0.0.2 and up, 5000 per address, and bind
+with IP_BIND_ADDRESS_NO_PORT so the kernel picks each source port at connect time (ports held
+in TIME_WAIT by an earlier run then do not make `bind` fail). This
 client holds N sockets itself, so N must stay under its open-file limit. The `shardcast
 bench idle` load generator is the full instrument; this script is the quick check.
 """
 import argparse
 import socket
 import time
+
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h; not exported by Python's socket module
+PER_ADDRESS = 5000
 
 REQUEST = (
     b"GET /ws/idle HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -46,7 +51,8 @@ def main():
         batch = []
         for i in range(start, min(start + args.batch, args.connections)):
             s = socket.socket()
-            s.bind((f"127.0.0.{2 + i // 10000}", 0))
+            s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            s.bind((f"127.0.0.{2 + i // PER_ADDRESS}", 0))
             s.connect(("127.0.0.1", args.port))
             s.sendall(REQUEST)
             batch.append(s)
