@@ -1,4 +1,5 @@
-//! Connection lifecycle: slow consumers, heartbeats, protocol errors, admission and shutdown.
+//! Connection lifecycle: slow consumers, heartbeats, admission and shutdown. Protocol
+//! violations and refused handshakes are in `violations.rs`.
 mod common;
 
 use std::time::Duration;
@@ -170,93 +171,6 @@ async fn client_ping_gets_a_pong() {
     }
 }
 
-/// Opens a raw connection, sends `bytes`, and returns the close code the server answers with.
-async fn close_code_for(s: &TestServer, bytes: &[u8]) -> u16 {
-    let mut raw = raw_ws(s.addr, "/ws/bad").await;
-    raw_send(&mut raw, bytes).await;
-    raw_close_code(&mut raw).await
-}
-
-#[tokio::test]
-async fn protocol_violations_get_their_close_codes_and_the_server_keeps_serving() {
-    let s = start(Config {
-        max_message_bytes: 1024,
-        send_queue_bytes: 64 * 1024,
-        ..config()
-    })
-    .await;
-    // 1009: one frame over the limit, and many small fragments that add up past it.
-    assert_eq!(
-        close_code_for(&s, &client_frame(true, 0x2, &[7; 1025])).await,
-        1009
-    );
-    let mut fragments = client_frame(false, 0x2, &[7; 100]);
-    for _ in 0..20 {
-        fragments.extend(client_frame(false, 0x0, &[7; 100]));
-    }
-    assert_eq!(close_code_for(&s, &fragments).await, 1009);
-    // Exactly at the limit is fine.
-    let mut ok = raw_ws(s.addr, "/ws/bad").await;
-    raw_send(&mut ok, &client_frame(true, 0x2, &[7; 1024])).await;
-    let (op, payload) = read_server_frame(&mut ok).await.expect("own message back");
-    assert_eq!((op, payload.len()), (0x2, 1024));
-    // 1007: invalid UTF-8 in a text message, also when split across fragments.
-    assert_eq!(
-        close_code_for(&s, &client_frame(true, 0x1, &[0xc3, 0x28])).await,
-        1007
-    );
-    let mut split = client_frame(false, 0x1, &[0xe2, 0x82]);
-    split.extend(client_frame(true, 0x0, &[0x28]));
-    assert_eq!(close_code_for(&s, &split).await, 1007);
-    // 1002: unmasked frame, reserved bits, unknown opcode, bad control frames, bad continuation.
-    let unmasked = [0x81u8, 0x02, b'h', b'i'];
-    assert_eq!(close_code_for(&s, &unmasked).await, 1002);
-    let mut rsv = client_frame(true, 0x1, b"x");
-    rsv[0] |= 0x40;
-    assert_eq!(close_code_for(&s, &rsv).await, 1002);
-    assert_eq!(
-        close_code_for(&s, &client_frame(true, 0x3, b"")).await,
-        1002
-    );
-    assert_eq!(
-        close_code_for(&s, &client_frame(false, 0x9, b"")).await,
-        1002
-    );
-    assert_eq!(
-        close_code_for(&s, &client_frame(true, 0x9, &[0; 126])).await,
-        1002
-    );
-    assert_eq!(
-        close_code_for(&s, &client_frame(true, 0x0, b"x")).await,
-        1002
-    );
-    assert_eq!(
-        close_code_for(&s, &client_frame(true, 0x8, &[0x03])).await,
-        1002
-    );
-    let stats = s.relay.stats().await;
-    assert_eq!(stats.disconnects.get(DisconnectReason::ProtocolError), 11);
-    assert_still_serving(&s).await;
-}
-
-#[tokio::test]
-async fn client_close_is_echoed_and_frames_after_it_are_ignored() {
-    let s = start(config()).await;
-    let mut watcher = s.connect("/ws/c").await;
-    let mut raw = raw_ws(s.addr, "/ws/c").await;
-    let mut bytes = client_frame(true, 0x8, &4000u16.to_be_bytes());
-    bytes.extend(client_frame(true, 0x1, b"after close"));
-    raw_send(&mut raw, &bytes).await;
-    assert_eq!(raw_close_code(&mut raw).await, 4000);
-    // The server half-closes after its echo.
-    assert!(read_server_frame(&mut raw).await.is_none());
-    s.relay
-        .publish(&Topic::new("c").unwrap(), Opcode::Text, b"marker")
-        .await
-        .unwrap();
-    assert_eq!(next_data(&mut watcher).await, Message::text("marker"));
-}
-
 #[tokio::test]
 async fn shutdown_sends_1001_to_every_client_and_completes() {
     let s = start(Config {
@@ -299,69 +213,6 @@ async fn upgrades_over_the_connection_limit_get_503() {
     let stats = s.relay.stats().await;
     assert_eq!((stats.connections, stats.disconnects.total()), (2, 0));
     drop(a);
-}
-
-#[tokio::test]
-async fn bad_handshakes_get_http_statuses() {
-    let s = start(config()).await;
-    let ws = |method: &str, path: &str, extra: &str| {
-        format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}Connection: close\r\n\r\n"
-        )
-    };
-    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
-    let v13 = "Sec-WebSocket-Version: 13\r\n";
-    assert_eq!(
-        s.http(&ws("GET", "/ws/a%2Fb", &format!("{key}{v13}")))
-            .await
-            .0,
-        400
-    );
-    assert_eq!(
-        s.http(&ws("GET", "/ws/a/b", &format!("{key}{v13}")))
-            .await
-            .0,
-        400
-    );
-    assert_eq!(
-        s.http(&ws("GET", "/ws", &format!("{key}{v13}"))).await.0,
-        400
-    );
-    assert_eq!(
-        s.http(&ws("GET", "/ws?topic=", &format!("{key}{v13}")))
-            .await
-            .0,
-        400
-    );
-    assert_eq!(
-        s.http(&ws("POST", "/ws/a", &format!("{key}{v13}"))).await.0,
-        405
-    );
-    assert_eq!(s.http(&ws("GET", "/ws/a", v13)).await.0, 400);
-    assert_eq!(
-        s.http(&ws(
-            "GET",
-            "/ws/a",
-            &format!("Sec-WebSocket-Key: short\r\n{v13}")
-        ))
-        .await
-        .0,
-        400
-    );
-    let (status, text) = s
-        .http(&ws(
-            "GET",
-            "/ws/a",
-            &format!("{key}Sec-WebSocket-Version: 8\r\n"),
-        ))
-        .await;
-    assert_eq!(status, 426);
-    assert!(
-        text.to_ascii_lowercase()
-            .contains("sec-websocket-version: 13")
-    );
-    let plain = "GET /ws/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    assert_eq!(s.http(plain).await.0, 426);
 }
 
 #[tokio::test(start_paused = true)]

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use shardcast::{Config, Relay, Server};
+use shardcast::{Config, Relay, Server, Stats};
+use tokio::io::AsyncRead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -95,9 +96,16 @@ impl TestServer {
 }
 
 pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(request).await.expect("write request");
+    read_http_response(&mut s).await
+}
+
+/// Reads one HTTP response: until its head and `Content-Length` bytes of body are in, or the
+/// server ends the connection. Returns (status, headers+body text).
+pub async fn read_http_response(s: &mut (impl AsyncRead + Unpin)) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     // The server closes (Connection: close) or we read until the head is complete.
     let mut chunk = [0u8; 4096];
@@ -131,8 +139,48 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     (status, text)
 }
 
+/// The value of header `name` in a response as `raw_http` returns it.
+pub fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The longest a single step may take before a test fails instead of hanging: generous,
+/// since the machine running the tests may be busy.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Awaits `fut`, failing the test (naming `what`) if it takes longer than [`WAIT`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// Reads until the server ends the connection, by end-of-file or a reset, and returns the
+/// bytes that came first. Bounded by [`WAIT`].
+pub async fn read_until_closed(s: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    within("the server to end the connection", async {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
 }
 
 /// Next data message, skipping pings and pongs. Panics on close or end.
@@ -167,11 +215,26 @@ pub async fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
     raw_ws_on(TcpStream::connect(addr).await.expect("connect"), path).await
 }
 
-pub async fn raw_ws_on(mut s: TcpStream, path: &str) -> TcpStream {
+pub async fn raw_ws_on(s: TcpStream, path: &str) -> TcpStream {
+    raw_ws_with(s, path, "").await
+}
+
+/// The key and version lines of a valid upgrade request.
+pub const KEY: &str = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+pub const V13: &str = "Sec-WebSocket-Version: 13\r\n";
+
+/// An upgrade request head: `headers` (each line ending in CRLF) follow the Upgrade and
+/// Connection lines.
+pub fn upgrade_request(method: &str, path: &str, headers: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{headers}\r\n"
+    )
+}
+
+/// Like `raw_ws_on`, with `extra` header lines (each ending in CRLF) in the request.
+pub async fn raw_ws_with(mut s: TcpStream, path: &str, extra: &str) -> TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
+    let req = upgrade_request("GET", path, &format!("{KEY}{V13}{extra}"));
     s.write_all(req.as_bytes()).await.expect("write handshake");
     // Read the response head byte by byte so no frame byte is consumed by accident.
     let mut head = Vec::new();
@@ -187,6 +250,14 @@ pub async fn raw_ws_on(mut s: TcpStream, path: &str) -> TcpStream {
     );
     s
 }
+
+/// Client frame opcodes (RFC 6455 §5.2).
+pub const OP_CONT: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
 
 /// A masked client frame.
 pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
@@ -206,6 +277,24 @@ pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&mask);
     f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     f
+}
+
+/// A message of `opcode` sent as one fragment per part: the first carries the opcode, the
+/// rest are continuations, the last is final.
+pub fn fragmented(opcode: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let last = parts.len().saturating_sub(1);
+    parts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| client_frame(i == last, if i == 0 { opcode } else { OP_CONT }, p))
+        .collect()
+}
+
+/// A close frame's payload: the code, then the reason bytes.
+pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(reason);
+    p
 }
 
 /// One server frame as read off a raw socket: (opcode, payload).
@@ -243,6 +332,15 @@ pub async fn raw_close_code(s: &mut TcpStream) -> u16 {
     }
 }
 
+/// The code of the server's close frame, after which the server must end the connection
+/// and send nothing more. Bounded by [`WAIT`].
+pub async fn raw_close_code_then_end(s: &mut TcpStream) -> u16 {
+    let code = within("the server's close frame", raw_close_code(s)).await;
+    let after = read_until_closed(s).await;
+    assert!(after.is_empty(), "bytes after the close frame: {after:?}");
+    code
+}
+
 /// Writes raw bytes, ignoring a reset: the server may close before it has read everything.
 pub async fn raw_send(s: &mut TcpStream, bytes: &[u8]) {
     use tokio::io::AsyncWriteExt;
@@ -251,11 +349,28 @@ pub async fn raw_send(s: &mut TcpStream, bytes: &[u8]) {
 
 /// After a bad client is closed, the server still serves: a fresh pair exchanges a message.
 pub async fn assert_still_serving(s: &TestServer) {
-    let mut a = s.connect("/ws/still-serving").await;
-    let mut b = s.connect("/ws/still-serving").await;
+    let mut a = within("a fresh client's handshake", s.connect("/ws/still-serving")).await;
+    let mut b = within("a fresh client's handshake", s.connect("/ws/still-serving")).await;
     send_text(&mut a, "alive").await;
-    assert_eq!(
-        next_data(&mut b).await.into_text().unwrap().as_str(),
-        "alive"
-    );
+    let got = within("a message between fresh clients", next_data(&mut b)).await;
+    assert_eq!(got, Message::text("alive"));
+}
+
+/// Polls the relay's counters until `done` holds, for effects that land after the client has
+/// seen its last byte, such as a connection freed once its reader sees the client go.
+/// At most [`WAIT`]; returns the counters that satisfied `done`.
+pub async fn stats_until(s: &TestServer, what: &str, done: impl Fn(&Stats) -> bool) -> Stats {
+    let poll = async {
+        loop {
+            let stats = s.relay.stats().await;
+            if done(&stats) {
+                return stats;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    match tokio::time::timeout(WAIT, poll).await {
+        Ok(stats) => stats,
+        Err(_) => panic!("never saw {what} in {WAIT:?}: {:?}", s.relay.stats().await),
+    }
 }
