@@ -76,6 +76,9 @@ pub struct FrameReader {
     /// Opcode of the fragmented data message in progress, if any.
     msg_opcode: Option<Opcode>,
     msg: Vec<u8>,
+    /// Length of the prefix of a text `msg` already known to be valid UTF-8 and to end on a
+    /// character boundary: each fragment is checked as it completes, so bad text fails fast.
+    utf8_checked: usize,
     ctrl: Vec<u8>,
 }
 
@@ -93,6 +96,7 @@ impl FrameReader {
             mask_pos: 0,
             msg_opcode: None,
             msg: Vec::new(),
+            utf8_checked: 0,
             ctrl: Vec::new(),
         }
     }
@@ -295,17 +299,33 @@ impl FrameReader {
                 // msg_opcode is always set while a data frame is being read (start_frame).
                 let opcode = self.msg_opcode.take().unwrap_or(Opcode::Binary);
                 let payload = std::mem::take(&mut self.msg);
-                if opcode == Opcode::Text && simdutf8::basic::from_utf8(&payload).is_err() {
-                    return Err(ProtocolError {
-                        code: close_code::INVALID_DATA,
-                        reason: "text message is not valid utf-8",
-                    });
+                let checked = std::mem::take(&mut self.utf8_checked);
+                // The checked prefix ends on a character boundary, so the rest stands alone.
+                if opcode == Opcode::Text
+                    && simdutf8::basic::from_utf8(&payload[checked..]).is_err()
+                {
+                    return Err(not_utf8());
                 }
                 out.push(Event::Message { opcode, payload });
+            }
+            _ if self.msg_opcode == Some(Opcode::Text) => {
+                // A fragment may end inside a character; only an invalid sequence fails now.
+                match simdutf8::compat::from_utf8(&self.msg[self.utf8_checked..]) {
+                    Ok(_) => self.utf8_checked = self.msg.len(),
+                    Err(e) if e.error_len().is_none() => self.utf8_checked += e.valid_up_to(),
+                    Err(_) => return Err(not_utf8()),
+                }
             }
             _ => {}
         }
         Ok(())
+    }
+}
+
+fn not_utf8() -> ProtocolError {
+    ProtocolError {
+        code: close_code::INVALID_DATA,
+        reason: "text message is not valid utf-8",
     }
 }
 
@@ -421,6 +441,20 @@ mod tests {
             .1
             .expect_err("must be refused")
             .code
+    }
+
+    #[test]
+    fn invalid_text_fails_at_the_fragment_that_breaks_it() {
+        let mut r = FrameReader::new(1 << 20);
+        let mut out = Vec::new();
+        // "€" split across fragments is fine so far.
+        r.feed(&client_frame(false, OP_TEXT, b"ok \xE2\x82"), &mut out)
+            .expect("an incomplete character is not an error yet");
+        let err = r
+            .feed(&client_frame(false, OP_CONT, b"\xAC and \xFF"), &mut out)
+            .expect_err("an invalid byte must fail before the message ends");
+        assert_eq!(err.code, 1007);
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -35,11 +35,9 @@ fn jwt_config(api_keys: &[&str]) -> Config {
     }
 }
 
-/// A WebSocket upgrade request for `path` with extra header lines.
-fn upgrade_request(path: &str, extra: &str) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-    )
+/// A valid WebSocket upgrade request for `path` with extra header lines.
+fn ws_request(path: &str, extra: &str) -> String {
+    upgrade_request("GET", path, &format!("{KEY}{V13}{extra}"))
 }
 
 fn publish_request(path: &str, auth: Option<&str>, body: &str) -> String {
@@ -86,7 +84,7 @@ async fn tokens_gate_upgrades_by_topic() {
             101,
         ),
     ] {
-        let (got, text) = s.http(&upgrade_request(&path, &extra)).await;
+        let (got, text) = s.http(&ws_request(&path, &extra)).await;
         assert_eq!(got, status, "{path} {extra}: {text}");
         if status == 401 {
             assert!(
@@ -192,7 +190,7 @@ async fn origins_outside_the_allowlist_get_403() {
         ("Origin: https://example.org\r\n", 403),
         ("Origin: null\r\n", 403),
     ] {
-        let (got, text) = s.http(&upgrade_request("/ws/o", origin)).await;
+        let (got, text) = s.http(&ws_request("/ws/o", origin)).await;
         assert_eq!(got, status, "{origin}: {text}");
     }
     assert_eq!(
@@ -214,7 +212,7 @@ async fn the_per_address_limit_gives_429_and_frees_on_close() {
     let mut a = s.connect("/ws/ip").await;
     let b = s.connect("/ws/ip").await;
     assert_eq!(s.relay.connections_from(ip), 2);
-    let (status, _) = s.http(&upgrade_request("/ws/ip", "")).await;
+    let (status, _) = s.http(&ws_request("/ws/ip", "")).await;
     assert_eq!(status, 429);
     assert_eq!(
         s.relay

@@ -163,11 +163,8 @@ async fn es256_tokens_are_checked_against_a_pem_public_key() {
         )
         .expect("sign")
     };
-    let upgrade = |t: String| {
-        format!(
-            "GET /ws/t?token={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-    };
+    let upgrade =
+        |t: String| upgrade_request("GET", &format!("/ws/t?token={t}"), &format!("{KEY}{V13}"));
     assert_eq!(s.http(&upgrade(token(&signer))).await.0, 101);
     assert_eq!(s.http(&upgrade(token(&other))).await.0, 401);
     // An HS256 token must not pass where ES256 is expected, whatever it is signed with.
