@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-use crate::config::{AuthConfig, Config, JwtKey, Secret, TlsConfig, parse_duration, parse_size};
+use crate::config::{
+    AuthConfig, Config, JwtKey, LogFormat, Secret, TlsConfig, parse_duration, parse_size,
+};
 
 /// A WebSocket broadcast relay: what is published to a topic reaches every subscriber.
 #[derive(Debug, Parser)]
@@ -24,11 +26,18 @@ pub struct Cli {
 pub enum Command {
     /// Serve WebSocket subscribers and HTTP publishers (the default).
     Serve(ServeArgs),
+    /// Print the effective configuration (flags, environment, --config file, defaults) as
+    /// TOML, secrets redacted, and exit.
+    Config(ServeArgs),
 }
 
-/// Flags of `shardcast serve`. Each also reads the `SHARDCAST_*` variable named in its help.
+/// Flags of `shardcast serve`. Each also reads the `SHARDCAST_*` variable named in its help,
+/// and each but `--config` may be set in the `--config` file under the flag's name.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// TOML file with the same keys as these flags; flags and variables take precedence.
+    #[arg(long, env = "SHARDCAST_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Address to bind.
     #[arg(long, env = "SHARDCAST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -56,9 +65,18 @@ pub struct ServeArgs {
     /// Whether client messages are published (false: server-side publish only).
     #[arg(long, env = "SHARDCAST_CLIENT_PUBLISH", default_value_t = true, action = ArgAction::Set)]
     pub client_publish: bool,
-    /// On SIGINT/SIGTERM, how long to wait for close frames to flush.
+    /// On SIGTERM, the window over which clients are closed with 1001, in batches.
     #[arg(long, env = "SHARDCAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// On SIGTERM, how long /readyz answers 503 while clients are still served, before closing starts.
+    #[arg(long, env = "SHARDCAST_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+    /// Serve /metrics on this address instead of the main port.
+    #[arg(long, env = "SHARDCAST_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log line format.
+    #[arg(long, env = "SHARDCAST_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// A client must finish TLS and send its request head within this time.
     #[arg(long, env = "SHARDCAST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub handshake_timeout: Duration,
@@ -128,6 +146,20 @@ fn positive_size(s: &str) -> Result<usize, String> {
 }
 
 impl ServeArgs {
+    /// Fills in what flags and environment left at their defaults from the `--config` file,
+    /// if one is named. `matches` are the ones these arguments were parsed from.
+    pub fn with_file(mut self, matches: &clap::ArgMatches) -> Result<Self, crate::Error> {
+        if let Some(path) = self.config.clone() {
+            crate::config_file::load(&path)?.apply(&mut self, matches);
+        }
+        Ok(self)
+    }
+
+    /// The effective settings as TOML, secrets redacted (what `shardcast config` prints).
+    pub fn to_toml(&self) -> String {
+        crate::config_file::FileConfig::effective(self).to_toml()
+    }
+
     /// Turns parsed flags into a validated configuration.
     pub fn into_config(self) -> Result<Config, crate::Error> {
         let jwt = if let Some(secret) = self.jwt_secret {
@@ -175,6 +207,9 @@ impl ServeArgs {
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
             client_publish: self.client_publish,
             drain_timeout: self.drain_timeout,
+            drain_delay: self.drain_delay,
+            metrics_listen: self.metrics_listen,
+            log_format: self.log_format,
             handshake_timeout: self.handshake_timeout,
             max_connections_per_ip: self
                 .max_connections_per_ip
@@ -200,7 +235,7 @@ mod tests {
         let cli = Cli::try_parse_from(std::iter::once("shardcast").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
         let serve = match cli.command {
-            Some(Command::Serve(s)) => s,
+            Some(Command::Serve(s) | Command::Config(s)) => s,
             None => cli.serve,
         };
         serve.into_config().map_err(|e| e.to_string())

@@ -31,8 +31,16 @@ pub struct Config {
     pub max_connections: usize,
     /// Whether messages from clients are published.
     pub client_publish: bool,
-    /// On shutdown, how long to wait for close frames to flush.
+    /// On shutdown, the window over which clients are closed (in batches) and their close
+    /// frames flushed; whatever is left at its end is dropped.
     pub drain_timeout: Duration,
+    /// On shutdown, how long to keep serving (with `/readyz` answering 503) before the first
+    /// client is closed, so a load balancer can stop sending new ones.
+    pub drain_delay: Duration,
+    /// Serve `/metrics` on this address instead of the main port.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How the binary formats its logs.
+    pub log_format: LogFormat,
     /// A client must send its complete request head within this time, or it is disconnected.
     pub handshake_timeout: Duration,
     /// Above this many WebSocket connections from one IP address, new upgrades get HTTP 429.
@@ -45,6 +53,25 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Serve `wss://` and `https://` with this certificate; `None`: plain TCP.
     pub tls: Option<TlsConfig>,
+}
+
+/// Log line format of the binary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
 }
 
 /// Credentials and origin rules. The default is open: anyone may subscribe and publish.
@@ -134,6 +161,9 @@ impl Default for Config {
             max_connections: 100_000,
             client_publish: true,
             drain_timeout: Duration::from_secs(10),
+            drain_delay: Duration::from_secs(5),
+            metrics_listen: None,
+            log_format: LogFormat::Text,
             handshake_timeout: Duration::from_secs(10),
             max_connections_per_ip: None,
             client_publish_rate: None,

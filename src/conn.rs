@@ -17,7 +17,7 @@ use crate::DisconnectReason;
 use crate::frame::{self, close_code};
 use crate::handshake::Publish;
 use crate::reader::{Event, FrameReader, ProtocolError};
-use crate::relay::{Relay, Slot};
+use crate::relay::{Relay, Slot, Source};
 use crate::shard::{ConnShared, ShardMsg};
 use crate::socket::Socket;
 
@@ -237,7 +237,12 @@ impl Reader {
                     }
                     match &self.publish {
                         Publish::To(topic) => {
-                            if self.relay.publish(topic, opcode, &payload).await.is_err() {
+                            if self
+                                .relay
+                                .publish_from(Source::Ws, topic, opcode, &payload)
+                                .await
+                                .is_err()
+                            {
                                 open = false;
                             }
                         }

@@ -18,7 +18,12 @@ use crate::frame::Opcode;
 /// Where a request goes, by path alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route<'a> {
-    Health,
+    /// `/livez`, and its alias `/healthz`.
+    Live,
+    /// `/readyz`.
+    Ready,
+    /// `/metrics`.
+    Metrics,
     /// `/ws/{topic}` or `/ws?topic=..`.
     Ws,
     /// `/publish/{topic}`, with the raw topic.
@@ -27,8 +32,12 @@ pub enum Route<'a> {
 }
 
 pub fn route(path: &str) -> Route<'_> {
-    if path == "/healthz" {
-        Route::Health
+    if path == "/livez" || path == "/healthz" {
+        Route::Live
+    } else if path == "/readyz" {
+        Route::Ready
+    } else if path == "/metrics" {
+        Route::Metrics
     } else if path == "/ws" || path.starts_with("/ws/") {
         Route::Ws
     } else if let Some(topic) = path.strip_prefix("/publish/") {

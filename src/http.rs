@@ -1,6 +1,6 @@
 //! The I/O half of request handling: acts on the checks of `handshake.rs`, admits WebSocket
 //! connections against the connection limits, performs the upgrade, and serves
-//! `POST /publish` and `/healthz`. What happens after an upgrade lives in `conn.rs`.
+//! `POST /publish`, `/metrics` and the health checks. What happens after an upgrade lives in `conn.rs`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,7 +15,8 @@ use hyper::{Request, Response, StatusCode};
 use crate::Error;
 use crate::frame::Opcode;
 use crate::handshake::{self, Policy, RejectReason, Rejection, Route};
-use crate::relay::Relay;
+use crate::relay::{Relay, Source};
+use crate::server::Endpoint;
 use crate::shard::ConnShared;
 
 pub(crate) type Body = Full<Bytes>;
@@ -63,21 +64,36 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     relay: Relay,
     peer: SocketAddr,
+    endpoint: Endpoint,
 ) -> Result<Response<Body>, Infallible> {
+    let metrics_here = endpoint == Endpoint::Metrics || relay.config().metrics_listen.is_none();
     let res = match handshake::route(req.uri().path()) {
-        Route::Health => reply(StatusCode::OK, "ok"),
-        Route::Ws => upgrade(req, relay, peer).await,
-        Route::Publish(topic) => {
+        Route::Live => reply(StatusCode::OK, "ok"),
+        Route::Ready if relay.is_draining() => reply(StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        Route::Ready => reply(StatusCode::OK, "ready"),
+        Route::Metrics if metrics_here => metrics(&relay).await,
+        Route::Ws if endpoint == Endpoint::Main => upgrade(req, relay, peer).await,
+        Route::Publish(topic) if endpoint == Endpoint::Main => {
             let topic = topic.to_owned();
             publish(req, &topic, relay, peer).await
         }
-        Route::NotFound => refuse(
+        _ => refuse(
             &relay,
             peer,
             Rejection::new(StatusCode::NOT_FOUND, RejectReason::NotFound, "not found\n"),
         ),
     };
     Ok(res)
+}
+
+async fn metrics(relay: &Relay) -> Response<Body> {
+    let text = crate::metrics::render(relay.stats().await);
+    let mut res = Response::new(Full::new(Bytes::from(text)));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    res
 }
 
 async fn upgrade(mut req: Request<Incoming>, relay: Relay, peer: SocketAddr) -> Response<Body> {
@@ -164,7 +180,10 @@ async fn publish(
         );
         return refuse(&relay, peer, r);
     }
-    match relay.publish(&topic, opcode, &body).await {
+    match relay
+        .publish_from(Source::Http, &topic, opcode, &body)
+        .await
+    {
         Ok(_) => reply(StatusCode::ACCEPTED, "queued\n"),
         Err(Error::MessageTooLarge { .. }) => refuse(&relay, peer, handshake::too_large()),
         Err(_) => refuse(&relay, peer, shutting_down()),

@@ -12,19 +12,23 @@
 //! - `frame`: encodes each published frame once.
 //! - `shard`: hub shards that own clients, fan out, write, and run heartbeats.
 //! - `wheel`: the timer wheel each shard drives.
-//! - `config` and `cli`: the validated [`Config`] and the command line that builds it.
+//! - `metrics`: the Prometheus rendering of [`Stats`] for `GET /metrics`.
+//! - `config`, `config_file` and `cli`: the validated [`Config`], the `--config` TOML file,
+//!   and the command line that builds it.
 //!
 //! See `docs/ARCHITECTURE.md` for the invariants that hold these together.
 
 pub mod auth;
 pub mod cli;
 mod config;
+pub mod config_file;
 mod conn;
 mod disconnect;
 mod error;
 pub mod frame;
 pub mod handshake;
 mod http;
+pub mod metrics;
 pub mod reader;
 mod relay;
 mod server;
@@ -35,13 +39,14 @@ mod topic;
 mod wheel;
 
 pub use config::{
-    AuthConfig, Config, JwtKey, MAX_SHARDS, Secret, TlsConfig, parse_duration, parse_size,
+    AuthConfig, Config, JwtKey, LogFormat, MAX_SHARDS, Secret, TlsConfig, parse_duration,
+    parse_size,
 };
 pub use disconnect::{DisconnectCounts, DisconnectReason};
 pub use error::Error;
 pub use frame::Opcode;
 pub use handshake::{RejectReason, RejectionCounts};
 pub use relay::{Relay, Stats};
-pub use server::{Server, run};
+pub use server::{Server, Stop, run};
 pub use topic::{MAX_TOPIC_LEN, Topic, TopicError};
 pub use wheel::TimerWheel;

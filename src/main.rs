@@ -1,38 +1,47 @@
-//! The `shardcast` binary: parse the command line, set up logging and limits, serve until
-//! SIGINT or SIGTERM. Everything else lives in the library.
+//! The `shardcast` binary: parse the command line (and the `--config` file), set up logging
+//! and limits, serve until SIGINT or SIGTERM. Everything else lives in the library.
 //!
 //! Exit codes: 0 after a clean shutdown, 1 when serving fails (for example the address is in
-//! use), 2 for a bad flag or value.
+//! use), 2 for a bad flag, value or configuration file.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use shardcast::cli::{Cli, Command};
+use shardcast::{Config, LogFormat, Stop};
+use tokio::sync::watch;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Descriptors kept back from `--max-connections` for listeners, logs and HTTP-only clients.
+const RESERVED_FDS: u64 = 64;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse(); // exits with code 2 on a bad flag
-    let args = match cli.command {
-        Some(Command::Serve(args)) => args,
-        None => cli.serve,
+    let matches = Cli::command().get_matches(); // exits with code 2 on a bad flag
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let sub = matches.subcommand().map_or(&matches, |(_, m)| m);
+    let (args, print_only) = match cli.command {
+        Some(Command::Serve(args)) => (args, false),
+        Some(Command::Config(args)) => (args, true),
+        None => (cli.serve, false),
     };
-    let config = match args.into_config() {
-        Ok(c) => c,
+    let resolved = args
+        .with_file(sub)
+        .and_then(|args| args.clone().into_config().map(|c| (args, c)));
+    let (args, config) = match resolved {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("shardcast: {e}");
             return ExitCode::from(2);
         }
     };
-    // Logs go to stderr: stdout is left to subcommands that print data.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    if print_only {
+        print!("{}", args.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(config.log_format);
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -42,38 +51,85 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: shardcast::Config) -> anyhow::Result<()> {
+/// Logs go to stderr (stdout is left to subcommands that print data), filtered by
+/// `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
     // Many connections need many descriptors; the soft limit is often far below the hard one.
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(nofile = n, "raised the open-file limit"),
+        Ok(nofile) => {
+            let per_client = if config.tls.is_some() { 3 } else { 1 };
+            let fits = nofile.saturating_sub(RESERVED_FDS) / per_client;
+            if config.max_connections as u64 > fits {
+                tracing::warn!(
+                    max_connections = config.max_connections,
+                    nofile,
+                    fits,
+                    "--max-connections is above what the open-file limit allows; raise the hard \
+                     limit (LimitNOFILE= in systemd, ulimit -Hn) or lower --max-connections"
+                );
+            }
+        }
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
+    tracing::info!(?config, "effective configuration");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("failed to start the tokio runtime")?;
     runtime.block_on(async move {
         // Install the handlers before announcing readiness, so an early signal is not fatal.
-        let shutdown = shutdown_signal().context("failed to install signal handlers")?;
+        let stop = stop_signals().context("failed to install signal handlers")?;
         let addr = config.listen;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| shardcast::Error::Bind { addr, source })?;
-        tracing::info!(%addr, shards = config.shards, "shardcast listening");
-        shardcast::run(listener, config, shutdown).await?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| shardcast::Error::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let shards = config.shards;
+        let mut server = shardcast::Server::new(listener, config)?;
+        if let Some(m) = metrics {
+            server = server.with_metrics_listener(m);
+        }
+        tracing::info!(%addr, shards, "shardcast listening");
+        server.run_with(stop).await?;
         Ok(())
     })
 }
 
-/// A future that completes on the first SIGINT or SIGTERM.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+/// The first SIGINT or SIGTERM asks for a drain, the second for an immediate stop.
+fn stop_signals() -> std::io::Result<watch::Receiver<Stop>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => tracing::info!("SIGINT received"),
-            _ = term.recv() => tracing::info!("SIGTERM received"),
+    let (tx, rx) = watch::channel(Stop::Run);
+    tokio::spawn(async move {
+        for level in [Stop::Drain, Stop::Now] {
+            tokio::select! {
+                _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+            }
+            let _ = tx.send(level);
         }
-    })
+        // Keep the sender: a dropped one would read as a drain request.
+        std::future::pending::<()>().await;
+    });
+    Ok(rx)
 }

@@ -13,6 +13,7 @@ use crate::auth::Auth;
 use crate::config::{Config, MAX_SHARDS};
 use crate::frame::{self, Opcode};
 use crate::handshake::{RejectReason, Rejections};
+use crate::metrics::{FANOUT_BOUNDS, Histogram, QUEUE_BOUNDS};
 use crate::shard::{ShardMsg, ShardStats};
 use crate::{Error, Topic};
 
@@ -75,7 +76,13 @@ pub(crate) struct Shared {
     pub(crate) auth: Auth,
     /// Refused requests by reason.
     pub(crate) rejections: Rejections,
-    /// Set once shutdown starts; new upgrades and publishes are refused from then on.
+    /// Messages accepted by `publish`, indexed by [`Source`]. Relaxed: counted once per
+    /// publish, never per delivery, and read only by scrapes.
+    published: [AtomicU64; 3],
+    /// Set when the drain starts: `/readyz` answers 503 and new upgrades are refused, while
+    /// open clients keep receiving until their turn to be closed.
+    pub(crate) draining: AtomicBool,
+    /// Set once the drain is over; publishes are refused from then on.
     pub(crate) shutting_down: AtomicBool,
 }
 
@@ -94,10 +101,28 @@ pub(crate) struct Slot {
 }
 
 /// Counters summed over every shard at the moment of asking.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
     /// WebSocket clients currently held by shards (including those still closing).
     pub connections: usize,
+    /// `connections`, per shard, in shard order.
+    pub shard_connections: Vec<usize>,
+    /// WebSocket connections accepted since start.
+    pub connections_opened: u64,
+    /// Bytes written to client sockets.
+    pub bytes_sent: u64,
+    /// Messages accepted by the publish function from WebSocket clients.
+    pub published_ws: u64,
+    /// Messages accepted from `POST /publish`.
+    pub published_http: u64,
+    /// Messages accepted from embedders calling [`Relay::publish`].
+    pub published_api: u64,
+    /// Topics with at least one subscriber.
+    pub topics: usize,
+    /// Bytes queued per client, sampled now.
+    pub send_queue: Histogram,
+    /// Seconds from a publish to the end of its enqueue on each interested shard.
+    pub publish_fanout: Histogram,
     /// Bytes queued for clients and not yet taken by the kernel.
     pub queued_bytes: usize,
     /// The most bytes any single client ever had queued.
@@ -108,6 +133,36 @@ pub struct Stats {
     pub disconnects: crate::DisconnectCounts,
     /// Refused requests, by reason.
     pub rejections: crate::RejectionCounts,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            connections: 0,
+            shard_connections: Vec::new(),
+            connections_opened: 0,
+            bytes_sent: 0,
+            published_ws: 0,
+            published_http: 0,
+            published_api: 0,
+            topics: 0,
+            send_queue: Histogram::new(QUEUE_BOUNDS),
+            publish_fanout: Histogram::new(FANOUT_BOUNDS),
+            queued_bytes: 0,
+            peak_client_queued_bytes: 0,
+            deliveries: 0,
+            disconnects: crate::DisconnectCounts::default(),
+            rejections: crate::RejectionCounts::default(),
+        }
+    }
+}
+
+/// Where a message entered the publish function (the `source` label of the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Ws = 0,
+    Http = 1,
+    Api = 2,
 }
 
 /// A WebSocket connection's admission: its share of `--max-connections` and of
@@ -158,6 +213,8 @@ impl Relay {
                 per_ip: DashMap::new(),
                 auth,
                 rejections: Rejections::default(),
+                published: Default::default(),
+                draining: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
             }),
         }
@@ -180,6 +237,17 @@ impl Relay {
         opcode: Opcode,
         payload: &[u8],
     ) -> Result<usize, Error> {
+        self.publish_from(Source::Api, topic, opcode, payload).await
+    }
+
+    /// [`Relay::publish`], counted under `source`.
+    pub(crate) async fn publish_from(
+        &self,
+        source: Source,
+        topic: &Topic,
+        opcode: Opcode,
+        payload: &[u8],
+    ) -> Result<usize, Error> {
         if self.shared.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
@@ -192,16 +260,19 @@ impl Relay {
                 max,
             });
         }
+        self.shared.published[source as usize].fetch_add(1, Ordering::Relaxed);
         // Copy the set out: no dashmap guard may be held across an await.
         let Some(set) = self.shared.interest.get(topic).map(|s| *s) else {
             return Ok(0);
         };
+        let at = tokio::time::Instant::now();
         let frame = frame::encode(opcode, payload);
         let mut queued = 0;
         for i in set.iter() {
             let msg = ShardMsg::Publish {
                 topic: topic.clone(),
                 frame: Bytes::clone(&frame),
+                at,
             };
             if self.shared.shards[i].send(msg).await.is_err() {
                 return Err(Error::ShuttingDown);
@@ -238,6 +309,11 @@ impl Relay {
         })
     }
 
+    /// Whether the drain has started (`/readyz` answers 503 from then on).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
     /// Counts a refused request.
     pub(crate) fn reject(&self, why: RejectReason) {
         self.shared.rejections.record(why);
@@ -256,7 +332,7 @@ impl Relay {
         conn: Arc<crate::shard::ConnShared>,
         admission: Admission,
     ) -> Result<Slot, Error> {
-        if self.shared.shutting_down.load(Ordering::Acquire) {
+        if self.is_draining() {
             return Err(Error::ShuttingDown);
         }
         let shard =
@@ -288,8 +364,13 @@ impl Relay {
 
     /// Sums the counters of every shard. Shards that have stopped are left out.
     pub async fn stats(&self) -> Stats {
+        let published = |s: Source| self.shared.published[s as usize].load(Ordering::Relaxed);
         let mut total = Stats {
             rejections: self.shared.rejections.snapshot(),
+            published_ws: published(Source::Ws),
+            published_http: published(Source::Http),
+            published_api: published(Source::Api),
+            topics: self.shared.interest.len(),
             ..Stats::default()
         };
         for tx in &self.shared.shards {
@@ -300,12 +381,21 @@ impl Relay {
             if let Ok(s) = rx.await {
                 let ShardStats {
                     connections,
+                    opened,
+                    bytes_sent,
                     queued_bytes,
                     peak_client_queued_bytes,
                     deliveries,
                     disconnects,
+                    send_queue,
+                    publish_fanout,
                 } = s;
                 total.connections += connections;
+                total.shard_connections.push(connections);
+                total.connections_opened += opened;
+                total.bytes_sent += bytes_sent;
+                total.send_queue.merge(&send_queue);
+                total.publish_fanout.merge(&publish_fanout);
                 total.queued_bytes += queued_bytes;
                 total.peak_client_queued_bytes =
                     total.peak_client_queued_bytes.max(peak_client_queued_bytes);

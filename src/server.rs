@@ -1,5 +1,6 @@
-//! The accept loop and the server's lifecycle: start the shards, serve HTTP on every accepted
-//! socket, and on shutdown stop accepting, close every client with 1001 and wait for the drain.
+//! The accept loops and the server's lifecycle: start the shards, serve HTTP on every accepted
+//! socket, and on shutdown turn `/readyz` to 503, wait, then close every client with 1001 in
+//! batches spread over the drain timeout.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -31,6 +32,7 @@ pub struct Server {
     relay: Relay,
     shards: Vec<JoinHandle<()>>,
     tls: Option<TlsAcceptor>,
+    metrics: Option<TcpListener>,
 }
 
 impl Server {
@@ -57,6 +59,7 @@ impl Server {
             relay,
             shards,
             tls,
+            metrics: None,
         })
     }
 
@@ -69,65 +72,189 @@ impl Server {
         self.listener.local_addr().map_err(Error::LocalAddr)
     }
 
-    /// Serves until `shutdown` completes, then drains: every client gets close 1001 and at
-    /// most `drain_timeout` to go. Returns once the shards have stopped.
+    /// Serves `/metrics` (and the health checks) on `listener` instead of the main port.
+    pub fn with_metrics_listener(mut self, listener: TcpListener) -> Self {
+        self.metrics = Some(listener);
+        self
+    }
+
+    /// Serves until `shutdown` completes, then drains (see [`Server::run_with`]).
     pub async fn run(self, shutdown: impl Future) -> Result<(), Error> {
+        let (tx, rx) = watch::channel(Stop::Run);
+        let server = self.run_with(rx);
+        tokio::pin!(server, shutdown);
+        let mut asked = false;
+        loop {
+            tokio::select! {
+                r = &mut server => return r,
+                _ = &mut shutdown, if !asked => {
+                    asked = true;
+                    let _ = tx.send(Stop::Drain);
+                }
+            }
+        }
+    }
+
+    /// Serves until `stop` says [`Stop::Drain`], then drains without a reconnect storm:
+    ///
+    /// 1. `/readyz` answers 503 and new upgrades get 503 at once; open clients keep being
+    ///    served for `--drain-delay`, so a load balancer can take the node out first.
+    /// 2. Clients are closed with 1001 in batches spread evenly over `--drain-timeout`
+    ///    (less a second for the last batch to finish its close handshake).
+    /// 3. Returns when every client is gone, or when the drain timeout ends.
+    ///
+    /// [`Stop::Now`], at any point, closes every client at once and returns within about a
+    /// second. If `stop`'s sender is dropped, that counts as [`Stop::Drain`].
+    pub async fn run_with(self, mut stop: watch::Receiver<Stop>) -> Result<(), Error> {
         let Server {
             listener,
             relay,
             shards,
             tls,
+            metrics,
         } = self;
-        tokio::pin!(shutdown);
+        let accept = futures_util::future::join(
+            accept_loop(listener, relay.clone(), tls, Endpoint::Main),
+            async {
+                match metrics {
+                    Some(l) => accept_loop(l, relay.clone(), None, Endpoint::Metrics).await,
+                    None => std::future::pending().await,
+                }
+            },
+        );
+        tokio::pin!(accept);
+        tokio::select! {
+            _ = &mut accept => {}
+            _ = reached(&mut stop, Stop::Drain) => {}
+        }
+        let config = relay.config().clone();
+        relay.shared.draining.store(true, Ordering::Release);
+        tracing::info!(
+            delay = ?config.drain_delay,
+            timeout = ?config.drain_timeout,
+            "draining: /readyz answers 503; clients will be closed with 1001 in batches"
+        );
+        let mut now = false;
+        tokio::select! {
+            _ = &mut accept => {}
+            _ = tokio::time::sleep(config.drain_delay) => {}
+            _ = reached(&mut stop, Stop::Now) => now = true,
+        }
+        let start = tokio::time::Instant::now();
+        let mut deadline = start + config.drain_timeout;
+        if now {
+            tracing::info!("second signal: closing every client now");
+            deadline = start + CLOSE_GRACE;
+            tell_shards(&relay, || ShardMsg::Shutdown).await;
+        } else {
+            let last_batch = CLOSE_GRACE.min(config.drain_timeout / 2);
+            let until = deadline - last_batch;
+            tell_shards(&relay, || ShardMsg::Drain { until, deadline }).await;
+        }
+        let done = futures_util::future::join_all(shards);
+        // The margin covers one timer tick of the shards' own deadline.
+        let timeout = tokio::time::sleep_until(deadline + Duration::from_secs(1));
+        tokio::pin!(done, timeout);
         loop {
             tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        match &tls {
-                            None => {
-                                tokio::spawn(serve_http(TokioIo::new(stream), peer, relay.clone()));
-                            }
-                            Some(acceptor) => {
-                                tokio::spawn(serve_tls(acceptor.clone(), stream, peer, relay.clone()));
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // Usually out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
+                _ = &mut accept => {}
+                _ = &mut done => break,
+                _ = &mut timeout => {
+                    tracing::warn!("shards did not stop within the drain timeout");
+                    break;
+                }
+                _ = reached(&mut stop, Stop::Now), if !now => {
+                    now = true;
+                    tracing::info!("second signal: closing every client now");
+                    tell_shards(&relay, || ShardMsg::Shutdown).await;
+                    let soon = tokio::time::Instant::now() + CLOSE_GRACE + Duration::from_secs(1);
+                    let current = timeout.deadline();
+                    timeout.as_mut().reset(soon.min(current));
+                }
             }
         }
-        drop(listener);
-        tracing::info!("shutting down: closing every client with 1001");
         relay.shared.shutting_down.store(true, Ordering::Release);
-        for tx in &relay.shared.shards {
-            let _ = tx.send(ShardMsg::Shutdown).await;
-        }
-        // Shards free every client by the drain deadline; the margin covers one timer tick.
-        let deadline = relay.config().drain_timeout + Duration::from_secs(1);
-        let all = futures_util::future::join_all(shards);
-        if tokio::time::timeout(deadline, all).await.is_err() {
-            tracing::warn!("shards did not stop within the drain timeout");
-        }
+        tracing::info!("drain finished");
         Ok(())
+    }
+}
+
+/// What a [`Server`] is asked to do; it only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stop {
+    /// Keep serving.
+    Run,
+    /// Drain gracefully (the first SIGTERM or SIGINT).
+    Drain,
+    /// Close everything at once (the second signal).
+    Now,
+}
+
+/// The grace a client gets for its close handshake when everything closes at once.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Completes once `stop` is at `level`. A dropped sender counts as `Drain`, never as `Now`.
+async fn reached(stop: &mut watch::Receiver<Stop>, level: Stop) {
+    if stop.wait_for(|s| *s >= level).await.is_err() && level > Stop::Drain {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn tell_shards(relay: &Relay, msg: impl Fn() -> ShardMsg) {
+    for tx in &relay.shared.shards {
+        let _ = tx.send(msg()).await;
+    }
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// Everything, including `/metrics` unless it has its own listener.
+    Main,
+    /// `--metrics-listen`: `/metrics` and the health checks only.
+    Metrics,
+}
+
+/// Accepts forever, serving each connection in a task of its own.
+async fn accept_loop(
+    listener: TcpListener,
+    relay: Relay,
+    tls: Option<TlsAcceptor>,
+    endpoint: Endpoint,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let relay = relay.clone();
+                match &tls {
+                    None => {
+                        tokio::spawn(serve_http(TokioIo::new(stream), peer, relay, endpoint));
+                    }
+                    Some(acceptor) => {
+                        tokio::spawn(serve_tls(acceptor.clone(), stream, peer, relay));
+                    }
+                }
+            }
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
 /// Serves HTTP/1.1 on one connection. `io` is a TCP stream or, behind TLS, a local socket;
 /// `conn.rs` takes either back after an upgrade.
-async fn serve_http<I>(io: TokioIo<I>, peer: SocketAddr, relay: Relay)
+async fn serve_http<I>(io: TokioIo<I>, peer: SocketAddr, relay: Relay, endpoint: Endpoint)
 where
     TokioIo<I>: Read + Write + Unpin + Send + 'static,
 {
     let timeout = relay.config().handshake_timeout;
     let service = {
         let relay = relay.clone();
-        service_fn(move |req| crate::http::handle(req, relay.clone(), peer))
+        service_fn(move |req| crate::http::handle(req, relay.clone(), peer, endpoint))
     };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -155,7 +282,7 @@ async fn serve_tls(
 ) {
     let timeout = relay.config().handshake_timeout;
     match tokio::time::timeout(timeout, crate::tls::accept(&acceptor, tcp)).await {
-        Ok(Some(plain)) => serve_http(TokioIo::new(plain), peer, relay).await,
+        Ok(Some(plain)) => serve_http(TokioIo::new(plain), peer, relay, Endpoint::Main).await,
         Ok(None) => relay.reject(RejectReason::TlsHandshake),
         Err(_) => {
             relay.reject(RejectReason::HandshakeTimeout);

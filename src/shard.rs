@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::frame::{self, close_code};
+use crate::metrics::{FANOUT_BOUNDS, Histogram, QUEUE_BOUNDS};
 use crate::relay::Relay;
 use crate::socket::Socket;
 use crate::wheel::TimerWheel;
@@ -57,6 +58,8 @@ pub(crate) enum ShardMsg {
     Publish {
         topic: Topic,
         frame: Bytes,
+        /// When the publish function took the message, for `publish_fanout_seconds`.
+        at: Instant,
     },
     Reserve {
         id: u64,
@@ -90,16 +93,37 @@ pub(crate) enum ShardMsg {
         id: u64,
     },
     Stats(oneshot::Sender<ShardStats>),
+    /// Close every client with 1001, spread evenly until `until`; each close may take until
+    /// `deadline`, when whatever is left is dropped.
+    Drain {
+        until: Instant,
+        deadline: Instant,
+    },
+    /// Close every client with 1001 now, with the short close grace.
     Shutdown,
 }
 
-#[derive(Debug, Default)]
+/// A drain in progress: the clients still to close and the pace to close them at.
+struct Drain {
+    /// Clients open when the drain began, still to be closed (some may have left since).
+    pending: Vec<(usize, u64)>,
+    total: usize,
+    start: Instant,
+    until: Instant,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
 pub(crate) struct ShardStats {
     pub(crate) connections: usize,
+    pub(crate) opened: u64,
+    pub(crate) bytes_sent: u64,
     pub(crate) queued_bytes: usize,
     pub(crate) peak_client_queued_bytes: usize,
     pub(crate) deliveries: u64,
     pub(crate) disconnects: DisconnectCounts,
+    pub(crate) send_queue: Histogram,
+    pub(crate) publish_fanout: Histogram,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -165,8 +189,9 @@ enum Flush {
 }
 
 impl Client {
-    /// Writes as much of the queue as the kernel takes, `MAX_IOV` frames per syscall.
-    fn write_some(&mut self) -> io::Result<Flush> {
+    /// Writes as much of the queue as the kernel takes, `MAX_IOV` frames per syscall, and adds
+    /// the bytes written to `sent`.
+    fn write_some(&mut self, sent: &mut u64) -> io::Result<Flush> {
         let Some(stream) = self.stream.as_ref() else {
             return Ok(Flush::Blocked);
         };
@@ -184,6 +209,7 @@ impl Client {
                 Err(e) => return Err(e),
             };
             self.queued -= written;
+            *sent += written as u64;
             while written > 0 {
                 // The kernel never reports more bytes than the slices held.
                 let Some(front) = self.queue.front_mut() else {
@@ -234,11 +260,17 @@ pub(crate) struct Shard {
     start: Instant,
     tick: Duration,
     budget: usize,
+    /// No new clients; the shard stops once it has none.
     draining: bool,
+    drain: Option<Drain>,
     inbox_closed: bool,
     peak_client_queued: usize,
+    // Plain counters, read by `ShardMsg::Stats`: no atomic is touched per delivery.
     deliveries: u64,
+    opened: u64,
+    bytes_sent: u64,
     disconnects: DisconnectCounts,
+    publish_fanout: Histogram,
 }
 
 impl Shard {
@@ -265,10 +297,14 @@ impl Shard {
             tick,
             budget,
             draining: false,
+            drain: None,
             inbox_closed: false,
             peak_client_queued: 0,
             deliveries: 0,
+            opened: 0,
+            bytes_sent: 0,
             disconnects: DisconnectCounts::default(),
+            publish_fanout: Histogram::new(FANOUT_BOUNDS),
         }
     }
 
@@ -322,7 +358,10 @@ impl Shard {
 
     fn handle(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Publish { topic, frame } => self.fan_out(&topic, &frame),
+            ShardMsg::Publish { topic, frame, at } => {
+                self.fan_out(&topic, &frame);
+                self.publish_fanout.observe(at.elapsed().as_secs_f64());
+            }
             ShardMsg::Reserve {
                 id,
                 topics,
@@ -349,6 +388,7 @@ impl Shard {
                     phase: Phase::Open,
                     _admission: admission,
                 });
+                self.opened += 1;
                 for topic in topics.iter() {
                     self.subscribe(topic, key);
                 }
@@ -414,15 +454,75 @@ impl Shard {
                 }
             }
             ShardMsg::Stats(reply) => {
+                let mut send_queue = Histogram::new(QUEUE_BOUNDS);
+                for (_, c) in self.clients.iter() {
+                    send_queue.observe(c.queued as f64);
+                }
                 let _ = reply.send(ShardStats {
                     connections: self.clients.len(),
+                    opened: self.opened,
+                    bytes_sent: self.bytes_sent,
                     queued_bytes: self.clients.iter().map(|(_, c)| c.queued).sum(),
                     peak_client_queued_bytes: self.peak_client_queued,
                     deliveries: self.deliveries,
                     disconnects: self.disconnects.clone(),
+                    send_queue,
+                    publish_fanout: self.publish_fanout.clone(),
                 });
             }
+            ShardMsg::Drain { until, deadline } => {
+                self.draining = true;
+                let pending: Vec<(usize, u64)> = self
+                    .clients
+                    .iter()
+                    .filter(|(_, c)| c.is_open())
+                    .map(|(k, c)| (k, c.id))
+                    .collect();
+                self.drain = Some(Drain {
+                    total: pending.len(),
+                    pending,
+                    start: Instant::now(),
+                    until,
+                    deadline,
+                });
+                self.drain_step();
+            }
             ShardMsg::Shutdown => self.shutdown(),
+        }
+    }
+
+    /// Closes the share of the drain that is due by now: by time `t`, the fraction
+    /// `(t - start) / (until - start)` of the clients. Called on the message and every tick.
+    fn drain_step(&mut self) {
+        let Some(d) = &mut self.drain else {
+            return;
+        };
+        let now = Instant::now();
+        let due = if now >= d.until {
+            d.total
+        } else {
+            let done = (now - d.start).as_secs_f64() / (d.until - d.start).as_secs_f64();
+            (d.total as f64 * done).ceil() as usize
+        };
+        let closed = d.total - d.pending.len();
+        let batch: Vec<(usize, u64)> = d
+            .pending
+            .drain(d.pending.len() - due.saturating_sub(closed).min(d.pending.len())..)
+            .collect();
+        let grace = d.deadline.saturating_duration_since(now);
+        if d.pending.is_empty() {
+            self.drain = None;
+        }
+        for (key, id) in batch {
+            if self.client_mut(key, id).is_some() {
+                self.begin_close(
+                    key,
+                    close_code::GOING_AWAY,
+                    "going away",
+                    DisconnectReason::Shutdown,
+                    grace,
+                );
+            }
         }
     }
 
@@ -441,7 +541,7 @@ impl Shard {
             }
             if c.queued + len > self.budget {
                 // Give the kernel a chance first: a fast client in a burst is not slow.
-                if c.write_some().is_err() || c.queued + len > self.budget {
+                if c.write_some(&mut self.bytes_sent).is_err() || c.queued + len > self.budget {
                     c.doomed = true;
                     self.doomed.push(key);
                     continue;
@@ -462,7 +562,7 @@ impl Shard {
         let c = &mut self.clients[key];
         // As in `fan_out`: one write attempt before a client at its budget is judged slow.
         let full = |c: &Client| c.queued + frame.len() > self.budget;
-        if full(c) && (c.write_some().is_err() || full(c)) {
+        if full(c) && (c.write_some(&mut self.bytes_sent).is_err() || full(c)) {
             self.doom(key);
         } else {
             c.push(frame);
@@ -518,7 +618,7 @@ impl Shard {
             return;
         }
         let before = c.queued;
-        match c.write_some() {
+        match c.write_some(&mut self.bytes_sent) {
             Ok(Flush::Drained) => {
                 c.stalled_since = None;
                 if !c.is_open() {
@@ -770,16 +870,16 @@ impl Shard {
             }
         }
         self.fired = fired;
+        self.drain_step();
         self.end_batch();
     }
 
-    /// Starts the drain: every client gets 1001 and `drain_timeout` to flush.
+    /// Closes every open client with 1001 at once, each with the short close grace. Also
+    /// ends a drain in progress.
     fn shutdown(&mut self) {
-        if self.draining {
-            return;
-        }
         self.draining = true;
-        let grace = self.relay.config().drain_timeout;
+        self.drain = None;
+        let grace = CLOSE_GRACE;
         let keys: Vec<usize> = self.clients.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.begin_close(

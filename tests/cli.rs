@@ -73,7 +73,14 @@ fn an_address_in_use_exits_with_code_1() {
 #[test]
 fn sigterm_drains_and_exits_0() {
     let mut child = shardcast()
-        .args(["--listen", "127.0.0.1:0", "--drain-timeout", "1s"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "1s",
+            "--drain-delay",
+            "0s",
+        ])
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -92,4 +99,115 @@ fn sigterm_drains_and_exits_0() {
         .unwrap();
     assert!(killed.success());
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// Starts the binary with `args`, waits for its readiness line, and returns it with the rest
+/// of its stderr.
+fn start_binary(args: &[&str]) -> (std::process::Child, impl Iterator<Item = String>) {
+    let mut child = shardcast()
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start shardcast");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let ready = lines.by_ref().any(|l| l.contains("shardcast listening"));
+    assert!(ready, "server never reported that it was listening");
+    (child, lines)
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let sent = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+}
+
+#[test]
+fn a_second_signal_ends_a_long_drain_at_once() {
+    let (mut child, mut lines) = start_binary(&["--drain-delay", "1h", "--drain-timeout", "1h"]);
+    signal(&child, "-TERM");
+    assert!(
+        lines.by_ref().any(|l| l.contains("draining")),
+        "no drain announced"
+    );
+    signal(&child, "-INT");
+    // With an hour of delay, only the second signal can end it; `wait` would hang otherwise,
+    // so the test harness's timeout is the bound.
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    assert!(
+        lines.any(|l| l.contains("second signal")),
+        "the second signal was not acted on"
+    );
+}
+
+#[test]
+fn config_file_sits_between_environment_and_defaults() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("shardcast.toml");
+    std::fs::write(
+        &file,
+        "ping-interval = \"7s\"\npong-timeout = \"8s\"\nwrite-timeout = \"9s\"\napi-key = [\"secret-key\"]\n",
+    )
+    .expect("write config");
+    let out = shardcast()
+        .args(["config", "--config"])
+        .arg(&file)
+        .args(["--write-timeout", "2s"])
+        .env("SHARDCAST_PONG_TIMEOUT", "3s")
+        .output()
+        .expect("run shardcast config");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let toml = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "ping-interval = \"7s\"",
+        "pong-timeout = \"3s\"",
+        "write-timeout = \"2s\"",
+        "drain-delay = \"5s\"",
+        "api-key = [\"<redacted>\"]",
+    ] {
+        assert!(toml.contains(line), "{line} missing from:\n{toml}");
+    }
+    assert!(!toml.contains("secret-key"), "a secret was printed");
+}
+
+#[test]
+fn a_bad_config_file_exits_2_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "shards = 2\n\nping-intervall = \"1s\"\n").expect("write config");
+    let out = shardcast()
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .expect("run shardcast");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["bad.toml", "line 3", "ping-intervall"] {
+        assert!(err.contains(needle), "{needle} missing from: {err}");
+    }
+}
+
+#[test]
+fn the_example_config_loads_and_round_trips() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/shardcast.example.toml");
+    let out = shardcast()
+        .args(["config", "--config", example])
+        .output()
+        .expect("run shardcast config");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // What `config` prints is itself a valid configuration file.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &out.stdout).expect("write printed config");
+    let again = shardcast()
+        .args(["config", "--config"])
+        .arg(&printed)
+        .output()
+        .expect("run shardcast config again");
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+    assert_eq!(again.stdout, out.stdout);
 }

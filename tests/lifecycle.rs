@@ -171,7 +171,8 @@ async fn client_ping_gets_a_pong() {
     }
 }
 
-#[tokio::test]
+// Paused time: the drain spreads its closes over the drain timeout.
+#[tokio::test(start_paused = true)]
 async fn shutdown_sends_1001_to_every_client_and_completes() {
     let s = start(Config {
         shards: 3,

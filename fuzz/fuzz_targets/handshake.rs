@@ -100,7 +100,7 @@ fuzz_target!(|data: &[u8]| {
             max_message_bytes: 1024,
         };
         match handshake::route(uri.path()) {
-            Route::Health | Route::NotFound => {}
+            Route::Live | Route::Ready | Route::Metrics | Route::NotFound => {}
             Route::Ws => match handshake::check_upgrade(&method, &uri, &headers, policy) {
                 Ok(u) => {
                     assert_eq!(method, Method::GET);

@@ -31,6 +31,7 @@ pub fn config() -> Config {
         ping_interval: Duration::from_secs(3600),
         pong_timeout: Duration::from_secs(3600),
         drain_timeout: Duration::from_secs(5),
+        drain_delay: Duration::ZERO,
         ..Config::default()
     }
 }

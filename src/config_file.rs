@@ -1,0 +1,279 @@
+//! The `--config` TOML file: its keys (the flags' long names), how its values fill in what the
+//! command line and the environment left at their defaults, and the TOML that
+//! `shardcast config` prints. Flag definitions live in `cli.rs`; validation in `config.rs`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::ArgMatches;
+use clap::parser::ValueSource;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::Error;
+use crate::cli::ServeArgs;
+use crate::config::{LogFormat, parse_duration, parse_size};
+
+/// Every key the file may hold. Each is optional; unknown keys are errors.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shards: Option<u16>,
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    ping_interval: Option<Duration>,
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    pong_timeout: Option<Duration>,
+    #[serde(default, with = "size", skip_serializing_if = "Option::is_none")]
+    max_message_bytes: Option<usize>,
+    #[serde(default, with = "size", skip_serializing_if = "Option::is_none")]
+    send_queue_bytes: Option<usize>,
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    write_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_publish: Option<bool>,
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    drain_timeout: Option<Duration>,
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    drain_delay: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<SocketAddr>,
+    #[serde(default, with = "log_format", skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
+    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
+    handshake_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections_per_ip: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_publish_rate: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwt_secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwt_secret_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwt_public_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allowed_origin: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<PathBuf>,
+}
+
+/// Reads and parses `path`. Errors name the file, the line and the key.
+pub fn load(path: &Path) -> Result<FileConfig, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("failed to read {}: {e}", path.display())))?;
+    parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+/// Parses TOML text; an error says `line N, key K: what is wrong`.
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e| {
+        let Some(span) = e.span() else {
+            return e.message().to_string();
+        };
+        let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+        let line = text.lines().nth(line_no - 1).unwrap_or("");
+        let key = line.split('=').next().unwrap_or("").trim();
+        let key = key.trim_start_matches('[').trim_end_matches(']');
+        format!("line {line_no}, key `{key}`: {}", e.message())
+    })
+}
+
+/// Whether the flag `id` took its value from neither the command line nor the environment.
+fn unset(matches: &ArgMatches, id: &str) -> bool {
+    !matches!(
+        matches.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+impl FileConfig {
+    /// Fills every field of `args` that `matches` says came from a default with the file's
+    /// value, if it has one: flag, then environment, then file, then default.
+    pub fn apply(self, args: &mut ServeArgs, matches: &ArgMatches) {
+        macro_rules! fill {
+            ($($field:ident),* $(,)?) => {$(
+                if let Some(v) = self.$field {
+                    if unset(matches, stringify!($field)) {
+                        args.$field = v;
+                    }
+                }
+            )*};
+        }
+        macro_rules! fill_opt {
+            ($($field:ident),* $(,)?) => {$(
+                if self.$field.is_some() && unset(matches, stringify!($field)) {
+                    args.$field = self.$field;
+                }
+            )*};
+        }
+        fill!(
+            listen,
+            ping_interval,
+            pong_timeout,
+            max_message_bytes,
+            send_queue_bytes,
+            write_timeout,
+            max_connections,
+            client_publish,
+            drain_timeout,
+            drain_delay,
+            log_format,
+            handshake_timeout,
+            api_key,
+            allowed_origin,
+        );
+        fill_opt!(
+            shards,
+            metrics_listen,
+            max_connections_per_ip,
+            client_publish_rate,
+            jwt_secret,
+            jwt_secret_file,
+            jwt_public_key,
+            api_key_file,
+            tls_cert,
+            tls_key,
+        );
+    }
+
+    /// The effective settings of `args` as a file, secrets replaced by `<redacted>`.
+    pub fn effective(args: &ServeArgs) -> Self {
+        let redacted = || "<redacted>".to_string();
+        Self {
+            listen: Some(args.listen),
+            shards: Some(
+                args.shards
+                    .unwrap_or_else(|| crate::config::default_shards() as u16),
+            ),
+            ping_interval: Some(args.ping_interval),
+            pong_timeout: Some(args.pong_timeout),
+            max_message_bytes: Some(args.max_message_bytes),
+            send_queue_bytes: Some(args.send_queue_bytes),
+            write_timeout: Some(args.write_timeout),
+            max_connections: Some(args.max_connections),
+            client_publish: Some(args.client_publish),
+            drain_timeout: Some(args.drain_timeout),
+            drain_delay: Some(args.drain_delay),
+            metrics_listen: args.metrics_listen,
+            log_format: Some(args.log_format),
+            handshake_timeout: Some(args.handshake_timeout),
+            max_connections_per_ip: args.max_connections_per_ip,
+            client_publish_rate: args.client_publish_rate,
+            jwt_secret: args.jwt_secret.as_ref().map(|_| redacted()),
+            jwt_secret_file: args.jwt_secret_file.clone(),
+            jwt_public_key: args.jwt_public_key.clone(),
+            api_key: Some(args.api_key.iter().map(|_| redacted()).collect()),
+            api_key_file: args.api_key_file.clone(),
+            allowed_origin: Some(args.allowed_origin.clone()),
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Every field is a plain value or a list of strings, which TOML always represents.
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+mod duration {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+mod size {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        let n = match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected bytes or a size like \"64KiB\""))?
+        {
+            Raw::Bytes(n) => usize::try_from(n).map_err(serde::de::Error::custom)?,
+            Raw::Text(s) => parse_size(&s).map_err(serde::de::Error::custom)?,
+        };
+        Ok(Some(n))
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<usize>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_u64(*n as u64),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+mod log_format {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LogFormat>, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "text" => Ok(Some(LogFormat::Text)),
+            "json" => Ok(Some(LogFormat::Json)),
+            other => Err(serde::de::Error::custom(format!(
+                "expected \"text\" or \"json\", got {other:?}"
+            ))),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<LogFormat>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(f) => s.serialize_str(f.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_line_and_the_key() {
+        let err = parse("listen = \"127.0.0.1:1\"\nshards = \"many\"\n").unwrap_err();
+        assert!(err.starts_with("line 2, key `shards`"), "{err}");
+        let err = parse("\n\nping-interval = \"soon\"\n").unwrap_err();
+        assert!(err.starts_with("line 3, key `ping-interval`"), "{err}");
+        assert!(err.contains("invalid duration"), "{err}");
+        let err = parse("shards = 2\nno-such-key = 1\n").unwrap_err();
+        assert!(err.starts_with("line 2, key `no-such-key`"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn sizes_take_numbers_or_units() {
+        let f = parse("max-message-bytes = 1024\nsend-queue-bytes = \"2MiB\"\n").unwrap();
+        assert_eq!(f.max_message_bytes, Some(1024));
+        assert_eq!(f.send_queue_bytes, Some(2 << 20));
+    }
+}

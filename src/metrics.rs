@@ -1,0 +1,274 @@
+//! Metrics: the plain histogram shards keep, and the Prometheus rendering of a [`Stats`]
+//! snapshot for `GET /metrics`.
+//!
+//! Nothing here is touched on the delivery path. Shards count in plain fields and the relay
+//! in a few relaxed atomics per publish or per connection; a scrape asks every shard for a
+//! copy (`Relay::stats`) and renders it with `prometheus-client`.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::handshake::RejectReason;
+use crate::{DisconnectReason, Stats};
+
+/// Upper bounds of `publish_fanout_seconds`: 10 µs to 1 s.
+pub(crate) const FANOUT_BOUNDS: &[f64] = &[
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0,
+];
+
+/// Upper bounds of `send_queue_bytes`: empty, then 1 KiB to 4 MiB.
+pub(crate) const QUEUE_BOUNDS: &[f64] = &[
+    0.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+];
+
+/// A fixed-bucket histogram with plain counters, owned by one shard and merged on scrape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// `counts[i]` counts values in `(bounds[i-1], bounds[i]]`; the last slot is `+Inf`.
+    counts: Box<[u64]>,
+    sum: f64,
+}
+
+impl Histogram {
+    pub(crate) fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1].into_boxed_slice(),
+            sum: 0.0,
+        }
+    }
+
+    pub(crate) fn observe(&mut self, v: f64) {
+        let i = self.bounds.partition_point(|b| *b < v);
+        self.counts[i] += 1;
+        self.sum += v;
+    }
+
+    /// Adds `other`'s counts; both must have the same bounds.
+    pub(crate) fn merge(&mut self, other: &Histogram) {
+        debug_assert_eq!(self.bounds, other.bounds);
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.sum += other.sum;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+
+    /// Cumulative `(upper bound, count)` pairs, ending with `+Inf`, as Prometheus wants them.
+    pub fn buckets(&self) -> Vec<(f64, u64)> {
+        let mut total = 0;
+        self.bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.counts.iter())
+            .map(|(bound, n)| {
+                total += n;
+                (bound, total)
+            })
+            .collect()
+    }
+}
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Renders `stats` in the OpenMetrics text format, every series prefixed `shardcast_`.
+pub fn render(stats: Stats) -> String {
+    let mut registry = Registry::with_prefix("shardcast");
+    registry.register_collector(Box::new(Snapshot(stats)));
+    let mut out = String::new();
+    // Writing into a String cannot fail, and every metric below encodes infallibly.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+#[derive(Debug)]
+struct Snapshot(Stats);
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    v: u64,
+) -> std::fmt::Result {
+    let m = ConstCounter::new(v);
+    m.encode(enc.encode_descriptor(name, help, unit, m.metric_type())?)
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let m = ConstGauge::new(v);
+    m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)
+}
+
+fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: &Unit,
+    h: &Histogram,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, Some(unit), MetricType::Histogram)?;
+    m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+        h.sum(),
+        h.count(),
+        &h.buckets(),
+        None,
+    )
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        {
+            let mut m = enc.encode_descriptor(
+                "connections",
+                "WebSocket clients held by each shard, including those closing",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (shard, n) in s.shard_connections.iter().enumerate() {
+                let labels = [("shard", shard.to_string())];
+                ConstGauge::new(*n as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        counter(
+            &mut enc,
+            "connections_opened",
+            "WebSocket connections accepted",
+            None,
+            s.connections_opened,
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "disconnects",
+                "WebSocket clients disconnected, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for why in DisconnectReason::ALL {
+                let labels = [("reason", why.as_str())];
+                ConstCounter::new(s.disconnects.get(why)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "handshake_rejections",
+                "Requests refused before or instead of an upgrade, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for why in RejectReason::ALL {
+                let labels = [("reason", why.as_str())];
+                ConstCounter::new(s.rejections.get(why)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "messages_published",
+                "Messages accepted by the publish function, by source",
+                None,
+                MetricType::Counter,
+            )?;
+            for (source, n) in [
+                ("ws", s.published_ws),
+                ("http", s.published_http),
+                ("api", s.published_api),
+            ] {
+                let labels = [("source", source)];
+                ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        counter(
+            &mut enc,
+            "deliveries",
+            "Frames pushed onto client send queues",
+            None,
+            s.deliveries,
+        )?;
+        counter(
+            &mut enc,
+            "bytes_sent",
+            "Bytes written to client sockets",
+            None,
+            s.bytes_sent,
+        )?;
+        gauge(
+            &mut enc,
+            "topics",
+            "Topics with at least one subscriber",
+            s.topics as i64,
+        )?;
+        histogram(
+            &mut enc,
+            "send_queue",
+            "Bytes queued per client, sampled at scrape time",
+            &Unit::Bytes,
+            &s.send_queue,
+        )?;
+        histogram(
+            &mut enc,
+            "publish_fanout",
+            "Time from a publish to the end of its enqueue on each interested shard",
+            &Unit::Seconds,
+            &s.publish_fanout,
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_merge() {
+        let mut a = Histogram::new(QUEUE_BOUNDS);
+        a.observe(0.0);
+        a.observe(1000.0);
+        a.observe(1e9);
+        let mut b = Histogram::new(QUEUE_BOUNDS);
+        b.observe(2000.0);
+        a.merge(&b);
+        assert_eq!(a.count(), 4);
+        let buckets = a.buckets();
+        assert_eq!(buckets[0], (0.0, 1));
+        assert_eq!(buckets[1], (1024.0, 2));
+        assert_eq!(buckets[2], (4096.0, 3));
+        assert_eq!(*buckets.last().unwrap(), (f64::INFINITY, 4)); // non-empty: bounds + Inf
+    }
+
+    #[test]
+    fn rendering_names_every_series() {
+        let text = render(Stats::default());
+        for name in [
+            "shardcast_connections",
+            "shardcast_connections_opened_total",
+            "shardcast_disconnects_total{reason=\"slow_consumer\"}",
+            "shardcast_disconnects_total{reason=\"rate_limited\"}",
+            "shardcast_handshake_rejections_total{reason=\"unauthorized\"}",
+            "shardcast_messages_published_total{source=\"ws\"}",
+            "shardcast_messages_published_total{source=\"http\"}",
+            "shardcast_deliveries_total",
+            "shardcast_bytes_sent_total",
+            "shardcast_topics",
+            "shardcast_send_queue_bytes_bucket",
+            "shardcast_publish_fanout_seconds_bucket",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}
