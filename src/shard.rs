@@ -515,13 +515,7 @@ impl Shard {
         }
         for (key, id) in batch {
             if self.client_mut(key, id).is_some() {
-                self.begin_close(
-                    key,
-                    close_code::GOING_AWAY,
-                    "going away",
-                    DisconnectReason::Shutdown,
-                    grace,
-                );
+                self.going_away(key, grace);
             }
         }
     }
@@ -874,21 +868,25 @@ impl Shard {
         self.end_batch();
     }
 
+    /// Closes a client for the shutdown (1001), keeping its backlog ahead of the close frame.
+    fn going_away(&mut self, key: usize, grace: Duration) {
+        self.begin_close(
+            key,
+            close_code::GOING_AWAY,
+            "going away",
+            DisconnectReason::Shutdown,
+            grace,
+        );
+    }
+
     /// Closes every open client with 1001 at once, each with the short close grace. Also
     /// ends a drain in progress.
     fn shutdown(&mut self) {
         self.draining = true;
         self.drain = None;
-        let grace = CLOSE_GRACE;
         let keys: Vec<usize> = self.clients.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.begin_close(
-                key,
-                close_code::GOING_AWAY,
-                "going away",
-                DisconnectReason::Shutdown,
-                grace,
-            );
+            self.going_away(key, CLOSE_GRACE);
         }
         self.end_batch();
     }

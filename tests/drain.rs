@@ -74,6 +74,18 @@ async fn subscribers(addr: std::net::SocketAddr) -> Vec<JoinHandle<(usize, Insta
     tasks
 }
 
+/// A server with the test's delay and timeout, and its subscribers.
+async fn draining_setup() -> (Running, Vec<JoinHandle<(usize, Instant, Option<u16>)>>) {
+    let s = start_controlled(Config {
+        drain_delay: DELAY,
+        drain_timeout: TIMEOUT,
+        ..config()
+    })
+    .await;
+    let subs = subscribers(s.addr).await;
+    (s, subs)
+}
+
 async fn wait_draining(relay: &shardcast::Relay) {
     for _ in 0..10_000 {
         if relay.is_draining() {
@@ -86,13 +98,7 @@ async fn wait_draining(relay: &shardcast::Relay) {
 
 #[tokio::test(start_paused = true)]
 async fn sigterm_order_readyz_first_then_closes_spread_over_the_timeout() {
-    let s = start_controlled(Config {
-        drain_delay: DELAY,
-        drain_timeout: TIMEOUT,
-        ..config()
-    })
-    .await;
-    let subs = subscribers(s.addr).await;
+    let (s, subs) = draining_setup().await;
     assert_eq!(get(s.addr, "/readyz").await.0, 200);
 
     let began = Instant::now();
@@ -145,13 +151,7 @@ async fn sigterm_order_readyz_first_then_closes_spread_over_the_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn a_second_request_closes_everything_at_once() {
-    let s = start_controlled(Config {
-        drain_delay: DELAY,
-        drain_timeout: TIMEOUT,
-        ..config()
-    })
-    .await;
-    let subs = subscribers(s.addr).await;
+    let (s, subs) = draining_setup().await;
     s.stop.send(Stop::Drain).expect("server is running");
     wait_draining(&s.relay).await;
     // Into the spread phase, then the second signal.
