@@ -108,12 +108,21 @@ impl AuthConfig {
 }
 
 /// How JWT signatures are checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum JwtKey {
     /// A shared HS256 secret.
     Hs256(Secret),
     /// A PEM public key: RSA keys check RS256, EC P-256 keys check ES256.
     PublicKeyPem(Vec<u8>),
+}
+
+impl fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Hs256(s) => f.debug_tuple("Hs256").field(s).finish(),
+            Self::PublicKeyPem(pem) => write!(f, "PublicKeyPem(<{} bytes>)", pem.len()),
+        }
+    }
 }
 
 /// Bytes that must never reach a log: `Debug` prints a placeholder.

@@ -104,6 +104,7 @@ fn run(config: Config) -> anyhow::Result<()> {
             None => None,
         };
         let shards = config.shards;
+        let addr = listener.local_addr().unwrap_or(addr); // the real port when 0 was asked
         let mut server = shardcast::Server::new(listener, config)?;
         if let Some(m) = metrics {
             server = server.with_metrics_listener(m);
