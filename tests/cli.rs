@@ -72,38 +72,26 @@ fn an_address_in_use_exits_with_code_1() {
 
 #[test]
 fn sigterm_drains_and_exits_0() {
-    let mut child = shardcast()
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--drain-timeout",
-            "1s",
-            "--drain-delay",
-            "0s",
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait for the readiness line rather than for time to pass.
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let ready = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .any(|l| l.contains("shardcast listening"));
-    assert!(ready, "server never reported that it was listening");
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let (mut child, _) = start_binary(&["--drain-timeout", "1s", "--drain-delay", "0s"]);
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
 }
 
 /// Starts the binary with `args`, waits for its readiness line, and returns it with the rest
 /// of its stderr.
 fn start_binary(args: &[&str]) -> (std::process::Child, impl Iterator<Item = String>) {
+    let (child, _, rest) = start_binary_with_head(args);
+    (child, rest)
+}
+
+/// Like `start_binary`, also returning the lines up to and including the readiness line.
+fn start_binary_with_head(
+    args: &[&str],
+) -> (
+    std::process::Child,
+    Vec<String>,
+    impl Iterator<Item = String>,
+) {
     let mut child = shardcast()
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
@@ -113,9 +101,15 @@ fn start_binary(args: &[&str]) -> (std::process::Child, impl Iterator<Item = Str
         .expect("start shardcast");
     let stderr = child.stderr.take().expect("piped stderr");
     let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
-    let ready = lines.by_ref().any(|l| l.contains("shardcast listening"));
-    assert!(ready, "server never reported that it was listening");
-    (child, lines)
+    let mut head = Vec::new();
+    for line in lines.by_ref() {
+        let ready = line.contains("shardcast listening");
+        head.push(line);
+        if ready {
+            return (child, head, lines);
+        }
+    }
+    panic!("server never reported that it was listening: {head:?}");
 }
 
 fn signal(child: &std::process::Child, sig: &str) {
@@ -210,4 +204,29 @@ fn the_example_config_loads_and_round_trips() {
         .expect("run shardcast config again");
     assert_eq!(again.status.code(), Some(0), "{again:?}");
     assert_eq!(again.stdout, out.stdout);
+}
+
+#[test]
+fn json_logs_carry_the_effective_configuration_without_secrets() {
+    let (mut child, head, rest) = start_binary_with_head(&[
+        "--log-format",
+        "json",
+        "--jwt-secret",
+        "do-not-print-me",
+        "--drain-delay",
+        "0s",
+    ]);
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    let lines: Vec<String> = head.into_iter().chain(rest).collect();
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+        assert!(v.get("level").is_some(), "{line}");
+    }
+    let config = lines
+        .iter()
+        .find(|l| l.contains("effective configuration"))
+        .expect("the configuration is logged");
+    assert!(config.contains("redacted"), "{config}");
+    assert!(lines.iter().all(|l| !l.contains("do-not-print-me")));
 }
