@@ -72,7 +72,9 @@ fn an_address_in_use_exits_with_code_1() {
 
 #[test]
 fn sigterm_drains_and_exits_0() {
-    let (mut child, _) = start_binary(&["--drain-timeout", "1s", "--drain-delay", "0s"]);
+    // The rest of stderr is dropped unread: a closed log pipe must not crash the server.
+    let (mut child, rest) = start_binary(&["--drain-timeout", "1s", "--drain-delay", "0s"]);
+    drop(rest);
     signal(&child, "-TERM");
     assert_eq!(child.wait().expect("wait").code(), Some(0));
 }
@@ -109,6 +111,8 @@ fn start_binary_with_head(
             return (child, head, lines);
         }
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("server never reported that it was listening: {head:?}");
 }
 
