@@ -16,31 +16,10 @@ const FRAMES: usize = 1000;
 const CHUNK: usize = 64 * 1024;
 const OP_BINARY: u8 = 0x2;
 
-/// Encodes a final, masked client frame by hand (the `client_frame` test helper of
-/// `src/reader.rs`, which is not public).
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut f = vec![0x80 | opcode];
-    match payload.len() {
-        n @ 0..=125 => f.push(0x80 | n as u8),
-        n @ 126..=65535 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
 /// `FRAMES` binary client frames of `size` bytes each, back to back.
 fn wire(size: usize) -> Vec<u8> {
     let payload: Vec<u8> = (0..size).map(|i| (i * 7 % 256) as u8).collect();
-    let frame = client_frame(OP_BINARY, &payload);
+    let frame = shardcast::frame::client_frame(true, OP_BINARY, &payload);
     frame.repeat(FRAMES)
 }
 

@@ -48,5 +48,7 @@ pub use frame::Opcode;
 pub use handshake::{RejectReason, RejectionCounts};
 pub use relay::{Relay, Stats};
 pub use server::{Server, Stop, run};
+#[doc(hidden)]
+pub use shard::FanoutFixture;
 pub use topic::{MAX_TOPIC_LEN, Topic, TopicError};
 pub use wheel::TimerWheel;

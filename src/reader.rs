@@ -349,25 +349,7 @@ fn unmask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
 mod tests {
     use super::*;
 
-    /// Encodes a masked client frame by hand.
-    pub(crate) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut f = vec![(fin as u8) << 7 | opcode];
-        match payload.len() {
-            n @ 0..=125 => f.push(0x80 | n as u8),
-            n @ 126..=65535 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        f
-    }
+    use crate::frame::client_frame;
 
     fn feed_all(max: usize, wire: &[u8], piece: usize) -> (Vec<Event>, Result<(), ProtocolError>) {
         let mut r = FrameReader::new(max);

@@ -898,3 +898,76 @@ fn closing_reason(c: &Client) -> DisconnectReason {
         Phase::Open => DisconnectReason::ClientClose,
     }
 }
+
+/// One shard with `k` subscribers of one topic and no sockets, for measuring the in-process
+/// cost of fan-out (`benches/engine.rs`). Not part of the API.
+#[doc(hidden)]
+pub struct FanoutFixture {
+    shard: Shard,
+    topic: Topic,
+    frame: Bytes,
+    /// Keeps the shard's inbox open; nothing reads it.
+    _inbox: mpsc::Receiver<ShardMsg>,
+    /// The reservations' answers, kept so the shard sees the handshakes as still waiting.
+    _replies: Vec<oneshot::Receiver<usize>>,
+}
+
+impl FanoutFixture {
+    /// `k` subscribers, each with a send budget large enough for `burst` frames of
+    /// `payload` bytes between two [`FanoutFixture::drain`] calls.
+    pub fn new(k: usize, payload: usize, burst: usize) -> Self {
+        let frame = frame::encode(crate::Opcode::Binary, &vec![7u8; payload]);
+        let config = crate::Config {
+            shards: 1,
+            max_connections: k.max(1),
+            send_queue_bytes: (frame.len() * burst).max(1 << 20),
+            ..crate::Config::default()
+        };
+        let auth = crate::auth::Auth::new(&config.auth).expect("the default auth is valid");
+        let (tx, inbox) = mpsc::channel(INBOX);
+        let relay = Relay::new(config, auth, vec![tx]);
+        let mut shard = Shard::new(0, relay.clone());
+        let topic = Topic::new("bench").expect("a valid topic");
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let mut replies = Vec::with_capacity(k);
+        for id in 0..k as u64 {
+            let admission = relay.try_admit(ip).expect("max_connections is k");
+            let (reply, rx) = oneshot::channel();
+            replies.push(rx);
+            shard.handle(ShardMsg::Reserve {
+                id,
+                topics: Box::new([topic.clone()]),
+                conn: Arc::new(ConnShared::default()),
+                admission,
+                reply,
+            });
+        }
+        Self {
+            shard,
+            topic,
+            frame,
+            _inbox: inbox,
+            _replies: replies,
+        }
+    }
+
+    /// Pushes one frame onto every subscriber's queue: what a shard does per publish.
+    pub fn publish(&mut self) {
+        self.shard.fan_out(&self.topic, &self.frame);
+    }
+
+    /// Empties every queue, as writing them to sockets would.
+    pub fn drain(&mut self) {
+        for (_, c) in self.shard.clients.iter_mut() {
+            c.queue.clear();
+            c.queued = 0;
+            c.dirty = false;
+        }
+        self.shard.dirty.clear();
+    }
+
+    /// Frames delivered so far.
+    pub fn deliveries(&self) -> u64 {
+        self.shard.deliveries
+    }
+}
