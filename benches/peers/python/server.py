@@ -66,6 +66,8 @@ def respond(status: int, reason: str, text: str = "") -> Response:
 
 
 def process_request(conn: ServerConnection, request):
+    if urlsplit(request.path).path == "/healthz":
+        return respond(200, "OK", "ok")
     topics = ws_topics(request.path)
     if topics is None:
         return respond(404, "Not Found", "not found\n")
