@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Starts the Bun peer on 127.0.0.1:PORT in the foreground (exec: this process becomes bun)
+# and prints one "listening" line when ready. Usage: start.sh PORT (or PORT in the
+# environment). Install first with benches/peers/install.sh bun.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+port="${1:-${PORT:-}}"
+if ! [[ "$port" =~ ^[0-9]+$ ]]; then
+    echo "usage: $0 PORT" >&2
+    exit 2
+fi
+bun="$here/node_modules/.bin/bun"
+if [[ ! -x "$bun" ]]; then
+    echo "bun is not installed: run benches/peers/install.sh bun" >&2
+    exit 1
+fi
+# No telemetry or crash-report uploads from a benchmark run.
+export DO_NOT_TRACK=1
+exec "$bun" "$here/server.js" "$port"

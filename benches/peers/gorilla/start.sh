@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Starts the Go gorilla/websocket hub peer on 127.0.0.1:PORT in the foreground (exec: this
+# process becomes the server) and prints one "listening" line when ready. Usage: start.sh
+# PORT (or PORT in the environment). Build first with benches/peers/install.sh gorilla.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+port="${1:-${PORT:-}}"
+if ! [[ "$port" =~ ^[0-9]+$ ]]; then
+    echo "usage: $0 PORT" >&2
+    exit 2
+fi
+if [[ ! -x "$here/bin/gorilla-peer" ]]; then
+    echo "the gorilla peer is not built: run benches/peers/install.sh gorilla" >&2
+    exit 1
+fi
+exec "$here/bin/gorilla-peer" "$port"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Starts the Node.js `ws` peer on 127.0.0.1:PORT in the foreground (exec: this process
+# becomes node) and prints one "listening" line when ready. Usage: start.sh PORT (or PORT
+# in the environment). Install first with benches/peers/install.sh node-ws.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+port="${1:-${PORT:-}}"
+if ! [[ "$port" =~ ^[0-9]+$ ]]; then
+    echo "usage: $0 PORT" >&2
+    exit 2
+fi
+if [[ ! -d "$here/node_modules/ws" ]]; then
+    echo "ws is not installed: run benches/peers/install.sh node-ws" >&2
+    exit 1
+fi
+exec node "$here/server.mjs" "$port"

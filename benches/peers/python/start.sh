@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Starts the Python `websockets` peer on 127.0.0.1:PORT in the foreground (exec: this
+# process becomes python) and prints one "listening" line when ready. Usage: start.sh PORT
+# (or PORT in the environment). Install first with benches/peers/install.sh python.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+port="${1:-${PORT:-}}"
+if ! [[ "$port" =~ ^[0-9]+$ ]]; then
+    echo "usage: $0 PORT" >&2
+    exit 2
+fi
+if [[ ! -x "$here/.venv/bin/python" ]]; then
+    echo "the Python venv is missing: run benches/peers/install.sh python" >&2
+    exit 1
+fi
+exec "$here/.venv/bin/python" "$here/server.py" "$port"
