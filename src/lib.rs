@@ -47,7 +47,7 @@ pub use error::Error;
 pub use frame::Opcode;
 pub use handshake::{RejectReason, RejectionCounts};
 pub use relay::{Relay, Stats};
-pub use server::{Server, Stop, run};
+pub use server::{Server, Stop, bind, run};
 #[doc(hidden)]
 pub use shard::FanoutFixture;
 pub use topic::{MAX_TOPIC_LEN, Topic, TopicError};

@@ -95,17 +95,8 @@ fn run(config: Config) -> anyhow::Result<()> {
         // Install the handlers before announcing readiness, so an early signal is not fatal.
         let stop = stop_signals().context("failed to install signal handlers")?;
         let addr = config.listen;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| shardcast::Error::Bind { addr, source })?;
-        let metrics = match config.metrics_listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| shardcast::Error::Bind { addr, source })?,
-            ),
-            None => None,
-        };
+        let listener = shardcast::bind(addr)?;
+        let metrics = config.metrics_listen.map(shardcast::bind).transpose()?;
         let shards = config.shards;
         let addr = listener.local_addr().unwrap_or(addr); // the real port when 0 was asked
         let mut server = shardcast::Server::new(listener, config)?;

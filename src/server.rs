@@ -179,6 +179,28 @@ impl Server {
     }
 }
 
+/// The listen backlog [`bind`] asks for; the kernel caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: i32 = 65_535;
+
+/// Binds a listener for [`Server::new`] with a deep accept backlog: after a node restarts,
+/// thousands of clients reconnect at once, and the standard library's 128 would drop
+/// most of their SYNs. `SO_REUSEADDR` lets a restart bind while old sockets sit in
+/// `TIME_WAIT`.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    let fail = |source| Error::Bind { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(fail)?;
+    socket.set_reuse_address(true).map_err(fail)?;
+    socket.set_nonblocking(true).map_err(fail)?;
+    socket.bind(&addr.into()).map_err(fail)?;
+    socket.listen(LISTEN_BACKLOG).map_err(fail)?;
+    TcpListener::from_std(socket.into()).map_err(fail)
+}
+
 /// What a [`Server`] is asked to do; it only moves forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stop {
