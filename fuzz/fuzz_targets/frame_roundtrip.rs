@@ -48,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
             (n, 4)
         }
         127 => {
+            // An 8-byte slice always converts to [u8; 8].
             let n = u64::from_be_bytes(frame[2..10].try_into().unwrap());
             assert_eq!(n >> 63, 0, "64-bit length has its top bit set");
             assert!(n > 65535, "64-bit length {n} is not the shortest form");
