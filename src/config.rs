@@ -154,6 +154,9 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+/// Upper bound on every duration setting.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// Upper bound on `--shards`; the topic registry keeps a fixed-size shard bitset.
 pub const MAX_SHARDS: usize = 256;
 
@@ -207,6 +210,18 @@ impl Config {
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must be greater than zero"));
+            }
+            // Far beyond any use, and keeps tick arithmetic far from overflow.
+            if d > MAX_DURATION {
+                return bad(format!("{name} must be at most 24h, got {d:?}"));
+            }
+        }
+        for (name, d) in [
+            ("--drain-timeout", self.drain_timeout),
+            ("--drain-delay", self.drain_delay),
+        ] {
+            if d > MAX_DURATION {
+                return bad(format!("{name} must be at most 24h, got {d:?}"));
             }
         }
         if self.max_message_bytes == 0 {
@@ -310,5 +325,15 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        let c = Config {
+            ping_interval: Duration::from_secs(u64::MAX / 2),
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("at most 24h")
+        );
     }
 }

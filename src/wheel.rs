@@ -43,7 +43,7 @@ impl<T> TimerWheel<T> {
 
     /// Schedules `item` to fire at tick `at`; a deadline in the past fires on the next advance.
     pub fn schedule(&mut self, at: u64, item: T) {
-        let at = at.max(self.now + 1);
+        let at = at.max(self.now.saturating_add(1));
         let mask = self.slots.len() as u64 - 1;
         self.slots[(at & mask) as usize].push((at, item));
         self.len += 1;
