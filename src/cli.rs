@@ -24,6 +24,15 @@ pub struct Cli {
 pub enum Command {
     /// Serve WebSocket subscribers and HTTP publishers (the default).
     Serve(ServeArgs),
+    /// Load generator: drive any WebSocket broadcast server and measure it.
+    Bench(crate::loadgen::BenchArgs),
+    /// Print each message received on a WebSocket, one per line.
+    Sub(crate::loadgen::SubArgs),
+    /// Publish a message, or each line of stdin, over WebSocket or HTTP POST.
+    Pub(crate::loadgen::PubArgs),
+    /// One worker process of `bench` (internal).
+    #[command(name = "__bench-worker", hide = true)]
+    BenchWorker,
 }
 
 /// Flags of `shardcast serve`. Each also reads the `SHARDCAST_*` variable named in its help.
@@ -202,6 +211,7 @@ mod tests {
         let serve = match cli.command {
             Some(Command::Serve(s)) => s,
             None => cli.serve,
+            Some(other) => return Err(format!("not serve: {other:?}")),
         };
         serve.into_config().map_err(|e| e.to_string())
     }

@@ -25,6 +25,7 @@ mod error;
 pub mod frame;
 pub mod handshake;
 mod http;
+pub mod loadgen;
 pub mod reader;
 mod relay;
 mod server;

@@ -2,7 +2,7 @@
 //! SIGINT or SIGTERM. Everything else lives in the library.
 //!
 //! Exit codes: 0 after a clean shutdown, 1 when serving fails (for example the address is in
-//! use), 2 for a bad flag or value.
+//! use), 2 for a bad flag or value. The same for `bench`, `sub` and `pub` (1: the run failed).
 
 use std::process::ExitCode;
 
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         None => cli.serve,
+        Some(tool) => return loadgen(tool),
     };
     let config = match args.into_config() {
         Ok(c) => c,
@@ -76,4 +77,24 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => tracing::info!("SIGTERM received"),
         }
     })
+}
+
+/// `bench`, `sub`, `pub` and the hidden bench worker: exit 2 for bad arguments, 1 for failure.
+fn loadgen(command: Command) -> ExitCode {
+    use shardcast::loadgen;
+    let result = match command {
+        Command::Bench(args) => loadgen::run_bench(&args)
+            .and_then(|report| loadgen::report::emit(&report, args.scenario.common())),
+        Command::Sub(args) => loadgen::tools::run_sub(&args).map(drop),
+        Command::Pub(args) => loadgen::tools::run_pub(&args).map(drop),
+        Command::BenchWorker => loadgen::run_worker_process(),
+        Command::Serve(_) => Ok(()), // dispatched by `main`
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shardcast: {e}");
+            ExitCode::from(if e.is_bad_args() { 2 } else { 1 })
+        }
+    }
 }
