@@ -119,7 +119,10 @@ pub struct FanoutResult {
     pub published: u64,
     /// Deliveries there should have been: each connected subscriber, every message of its topic.
     pub expected: u64,
+    /// Deliveries missing when the run ended. With `drain_timed_out`, some of them may only
+    /// have been late (still queued in the server when the drain gave up).
     pub lost: u64,
+    pub drain_timed_out: bool,
     pub out_of_order: u64,
     pub worst_subscriber_lost: u64,
     pub worst_subscriber_out_of_order: u64,
@@ -302,6 +305,7 @@ pub fn build(
                 published: sent,
                 expected: expected_total,
                 lost: expected_total - received,
+                drain_timed_out: results.iter().any(|r| r.drain_timed_out),
                 out_of_order: ooo,
                 worst_subscriber_lost: worst_lost,
                 worst_subscriber_out_of_order: worst_ooo,
@@ -518,6 +522,12 @@ impl Report {
                 f.worst_subscriber_lost,
                 f.worst_subscriber_out_of_order
             ));
+            if f.drain_timed_out {
+                line(format!(
+                    "  DRAIN TIMEOUT deliveries were still missing after --drain-timeout: some of the {} lost may only be late",
+                    f.lost
+                ));
+            }
             if f.foreign > 0 {
                 line(format!(
                     "  foreign       {} messages without a stamp of this run",

@@ -153,6 +153,8 @@ pub struct WorkerResult {
     pub publish_errors: BTreeMap<String, u64>,
     pub topics: Vec<TopicTally>,
     pub chat_errors: u64,
+    /// Fanout: the drain ended at `--drain-timeout` with deliveries still missing.
+    pub drain_timed_out: bool,
     pub cpu_total_s: f64,
     pub cpu_window_s: f64,
 }

@@ -127,15 +127,17 @@ pub async fn run(ctx: &Rc<Ctx>, job: &FanoutJob, link: &mut Link) -> Result<Work
             _ => continue,
         }
     };
-    drain(&tallies, &expected, job.drain_timeout).await;
+    let drained = drain(&tallies, &expected, job.drain_timeout).await;
     link.send(FromWorker::Ready);
     while !matches!(link.recv().await?, ToWorker::Stop) {}
-    Ok(finish(ctx, &tallies, &expected))
+    let mut result = finish(ctx, &tallies, &expected);
+    result.drain_timed_out = !drained;
+    Ok(result)
 }
 
 /// Waits until every subscriber has every message its topic's publishers sent (or has
-/// ended), for at most `timeout`.
-async fn drain(tallies: &[Rc<Sub>], expected: &[u64], timeout: Duration) {
+/// ended), for at most `timeout`. Returns whether they all have.
+async fn drain(tallies: &[Rc<Sub>], expected: &[u64], timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let done = tallies.iter().all(|s| {
@@ -143,7 +145,7 @@ async fn drain(tallies: &[Rc<Sub>], expected: &[u64], timeout: Duration) {
                 || s.received.get() >= expected.get(s.topic as usize).copied().unwrap_or(0)
         });
         if done || tokio::time::Instant::now() >= deadline {
-            return;
+            return done;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -302,8 +304,15 @@ async fn ws_publisher(ctx: &Rc<Ctx>, conn: Conn, id: u64, pace: Pace) -> u64 {
             client::encode_frame(&mut out, OP_BINARY, &payload, rng.mask());
         }
         if !out.is_empty() {
-            if let Err(e) = wr.write_all(&out).await {
-                Shared::count(&ctx.shared.publish_errors, client::io_label(&e));
+            // A server that stops reading the publisher must not hang the run.
+            let label =
+                match tokio::time::timeout(ctx.plan.connect_timeout, wr.write_all(&out)).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(client::io_label(&e)),
+                    Err(_) => Some("write timeout".to_string()),
+                };
+            if let Some(label) = label {
+                Shared::count(&ctx.shared.publish_errors, label);
                 break;
             }
             out.clear();
