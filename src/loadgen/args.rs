@@ -151,6 +151,10 @@ pub struct FanoutArgs {
     /// Content-Type of HTTP publishes.
     #[arg(long, default_value = "application/octet-stream")]
     pub content_type: String,
+    /// Kernel send buffer of each WebSocket publisher (SO_SNDBUF). Small, so that `--rate max`
+    /// is as fast as the server reads, not as fast as the kernel buffers.
+    #[arg(long, default_value = "64KiB", value_parser = crate::config::parse_size)]
+    pub publisher_buffer: usize,
     /// After publishing stops, how long to wait for deliveries still in flight.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

@@ -61,6 +61,7 @@ pub struct FanoutJob {
     pub publish_url: String,
     pub publish_http: bool,
     pub content_type: String,
+    pub publisher_buffer: usize,
     pub drain_timeout: Duration,
 }
 
@@ -238,6 +239,7 @@ fn fanout_job(a: &FanoutArgs) -> Result<(Job, u64), Error> {
             publish_url,
             publish_http,
             content_type: a.content_type.clone(),
+            publisher_buffer: a.publisher_buffer,
             drain_timeout: a.drain_timeout,
         }),
         conns,

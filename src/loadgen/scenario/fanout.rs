@@ -79,7 +79,14 @@ pub async fn run(ctx: &Rc<Ctx>, job: &FanoutJob, link: &mut Link) -> Result<Work
             )))
         } else {
             match super::open(ctx, &endpoint, index, &url.target, 4096).await {
-                Some(conn) => Publisher::Ws(conn),
+                Some(conn) => {
+                    // Without this the kernel buffers megabytes ahead of a server that reads
+                    // slower than the publisher writes, and stamps age before it reads them.
+                    socket2::SockRef::from(&conn.stream)
+                        .set_send_buffer_size(job.publisher_buffer)
+                        .map_err(|e| Error::io("setting the publisher's send buffer", e))?;
+                    Publisher::Ws(conn)
+                }
                 None => continue,
             }
         };
