@@ -39,6 +39,8 @@ pub fn decode_histogram(s: &str) -> Result<Histogram<u64>, Error> {
 /// What the parent itself observed, besides the workers' results.
 #[derive(Debug, Default)]
 pub struct Extra {
+    /// The start, `CLOCK_MONOTONIC` ns.
+    pub t0_ns: u64,
     pub expected: Vec<u64>,
     pub rounds: u64,
     pub measured_rounds: u64,
@@ -61,7 +63,7 @@ pub struct Report {
     pub window_s: f64,
     /// Every delivery, warmup included.
     pub deliveries: u64,
-    /// Deliveries of messages sent in the measured window.
+    /// Deliveries received in the measured window (fanout), or of the measured rounds (chat).
     pub measured_deliveries: u64,
     pub deliveries_per_sec: f64,
     /// Delivery latency (chat, fanout) or handshake latency (connect), microseconds.
@@ -232,7 +234,7 @@ pub fn build(
     let mut failed = BTreeMap::new();
     let mut publish_errors = BTreeMap::new();
     let (mut connected, mut deliveries, mut measured, mut sent, mut foreign) = (0, 0, 0, 0, 0);
-    let (mut first_send, mut last_recv) = (u64::MAX, 0u64);
+    let (mut window_deliveries, mut last_recv) = (0u64, 0u64);
     let (mut open, mut handshakes, mut chat_errors) = (0, 0, 0);
     let (mut cpu_total, mut cpu_window) = (0.0, 0.0);
     for r in &results {
@@ -251,8 +253,8 @@ pub fn build(
         open += r.open;
         handshakes += r.handshakes;
         chat_errors += r.chat_errors;
-        first_send = first_send.min(r.first_measured_send_ns);
-        last_recv = last_recv.max(r.last_measured_recv_ns);
+        window_deliveries += r.window_deliveries;
+        last_recv = last_recv.max(r.last_window_recv_ns);
         cpu_total += r.cpu_total_s;
         cpu_window += r.cpu_window_s;
     }
@@ -264,11 +266,25 @@ pub fn build(
     let mut deliveries_per_sec;
     match &plan.job {
         Job::Fanout(job) => {
-            // The window runs from the first measured send to the last measured delivery.
-            if last_recv > first_send {
-                window_s = (last_recv - first_send) as f64 / 1e9;
+            // Throughput counts deliveries received in the window: after the warmup and until
+            // the publishers stop (by count: from the start to the last delivery).
+            let by_time = job.messages.is_none();
+            let from = extra.t0_ns
+                + if by_time {
+                    plan.warmup.as_nanos() as u64
+                } else {
+                    0
+                };
+            let to = if by_time {
+                from + plan.duration.as_nanos() as u64
+            } else {
+                u64::MAX
+            };
+            if last_recv > from {
+                window_s = (last_recv.min(to) - from) as f64 / 1e9;
             }
-            deliveries_per_sec = per_sec(measured, window_s);
+            measured_deliveries = window_deliveries;
+            deliveries_per_sec = per_sec(window_deliveries, window_s);
             let mut expected_total = 0;
             let (mut received, mut ooo, mut worst_lost, mut worst_ooo) = (0, 0, 0, 0);
             let mut topics: Vec<_> = vec![None; job.topics as usize];

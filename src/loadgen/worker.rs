@@ -142,8 +142,8 @@ pub struct WorkerResult {
     pub open: u64,
     pub deliveries: u64,
     pub measured: u64,
-    pub first_measured_send_ns: u64,
-    pub last_measured_recv_ns: u64,
+    pub window_deliveries: u64,
+    pub last_window_recv_ns: u64,
     pub sent: u64,
     pub handshakes: u64,
     pub foreign: u64,
@@ -571,6 +571,7 @@ async fn orchestrate(plan: Plan, scenario: Scenario, common: CommonArgs) -> Resu
     let t0_ns = now_ns();
     let t0 = Instant::now();
     workers.send_all(&ToWorker::Start { t0_ns });
+    extra.t0_ns = t0_ns;
     bar.running(&plan);
     let server_at_start = pid.map(ServerSample::take);
     let window = match &plan.job {

@@ -61,13 +61,16 @@ pub struct Shared {
     pub open: Cell<u64>,
     pub deliveries: Cell<u64>,
     pub measured: Cell<u64>,
-    pub first_measured_send_ns: Cell<u64>,
-    pub last_measured_recv_ns: Cell<u64>,
+    /// Deliveries received in the measured window, and the last one's time.
+    pub window_deliveries: Cell<u64>,
+    pub last_window_recv_ns: Cell<u64>,
     pub sent: Cell<u64>,
     pub handshakes: Cell<u64>,
     pub foreign: Cell<u64>,
     /// Stamps at or after this instant are measured (`u64::MAX` until the run starts).
     pub measure_from_ns: Cell<u64>,
+    /// Deliveries received from `measure_from_ns` until this instant count toward throughput.
+    pub window_to_ns: Cell<u64>,
     pub latency: RefCell<Histogram<u64>>,
     pub disconnects: RefCell<BTreeMap<String, u64>>,
     pub connect_failures: RefCell<BTreeMap<String, u64>>,
@@ -83,12 +86,13 @@ impl Shared {
             open: Cell::new(0),
             deliveries: Cell::new(0),
             measured: Cell::new(0),
-            first_measured_send_ns: Cell::new(u64::MAX),
-            last_measured_recv_ns: Cell::new(0),
+            window_deliveries: Cell::new(0),
+            last_window_recv_ns: Cell::new(0),
             sent: Cell::new(0),
             handshakes: Cell::new(0),
             foreign: Cell::new(0),
             measure_from_ns: Cell::new(u64::MAX),
+            window_to_ns: Cell::new(u64::MAX),
             latency: RefCell::new(histogram()),
             disconnects: RefCell::new(BTreeMap::new()),
             connect_failures: RefCell::new(BTreeMap::new()),
@@ -108,9 +112,14 @@ impl Shared {
         self.cpu_at_end.set(Some(u + s));
     }
 
-    /// Records one delivery stamped `sent_ns` and received at `now`.
+    /// Records one delivery stamped `sent_ns` and received at `now`: throughput counts what
+    /// is received in the window, latency what was sent in it.
     pub fn delivered(&self, sent_ns: u64, now: u64) {
         self.deliveries.set(self.deliveries.get() + 1);
+        if now >= self.measure_from_ns.get() && now < self.window_to_ns.get() {
+            self.window_deliveries.set(self.window_deliveries.get() + 1);
+            self.last_window_recv_ns.set(now);
+        }
         self.measure(sent_ns, now);
     }
 
@@ -121,12 +130,6 @@ impl Shared {
             self.latency
                 .borrow_mut()
                 .saturating_record(now.saturating_sub(sent_ns).max(1));
-            if sent_ns < self.first_measured_send_ns.get() {
-                self.first_measured_send_ns.set(sent_ns);
-            }
-            if now > self.last_measured_recv_ns.get() {
-                self.last_measured_recv_ns.set(now);
-            }
         }
     }
 
@@ -158,8 +161,8 @@ impl Shared {
             open: self.open.get(),
             deliveries: self.deliveries.get(),
             measured: self.measured.get(),
-            first_measured_send_ns: self.first_measured_send_ns.get(),
-            last_measured_recv_ns: self.last_measured_recv_ns.get(),
+            window_deliveries: self.window_deliveries.get(),
+            last_window_recv_ns: self.last_window_recv_ns.get(),
             sent: self.sent.get(),
             handshakes: self.handshakes.get(),
             foreign: self.foreign.get(),
@@ -498,16 +501,22 @@ pub async fn run(plan: Plan, index: u32, mut link: Link) -> Result<WorkerResult,
 }
 
 /// Waits for the parent's `Start` and marks the measured window; returns the start instant.
-async fn wait_start(ctx: &Rc<Ctx>, link: &mut Link, warmup: bool) -> Result<u64, Error> {
+/// `timed`: the run lasts `--warmup` + `--duration` (else it runs by count, unwindowed).
+async fn wait_start(ctx: &Rc<Ctx>, link: &mut Link, timed: bool) -> Result<u64, Error> {
     loop {
         match link.recv().await? {
             ToWorker::Start { t0_ns } => {
-                let from = if warmup {
+                let from = if timed {
                     t0_ns + ctx.plan.warmup.as_nanos() as u64
                 } else {
                     t0_ns
                 };
                 ctx.shared.measure_from_ns.set(from);
+                if timed {
+                    ctx.shared
+                        .window_to_ns
+                        .set(from + ctx.plan.duration.as_nanos() as u64);
+                }
                 spawn_cpu_mark(ctx, from);
                 return Ok(t0_ns);
             }
