@@ -214,6 +214,76 @@ async fn sub_prints_what_pub_sends_over_websocket_and_http() {
     s.stop().await;
 }
 
+/// Runs the binary's `bench` with `args` and returns its JSON report.
+fn bench_binary(args: &[&str]) -> serde_json::Value {
+    let out = shardcast()
+        .arg("bench")
+        .args(args)
+        .args(["--quiet", "--json", "-"])
+        .output()
+        .expect("run bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_processes_share_the_load_and_merge_their_results() {
+    let s = start(config()).await;
+    let url = format!("ws://{}/ws/{{topic}}", s.addr);
+    let fanout = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || {
+            bench_binary(&[
+                "fanout",
+                "--url",
+                &url,
+                "--workers",
+                "2",
+                "--subscribers",
+                "20",
+                "--publishers",
+                "2",
+                "--messages",
+                "30",
+                "--rate",
+                "1000",
+            ])
+        }
+    });
+    let r = common::within("bench fanout --workers 2", fanout)
+        .await
+        .expect("thread");
+    assert_eq!(r["workers"], 2);
+    // Both publishers are on the one topic: each subscriber gets 60 messages.
+    assert_eq!(r["deliveries"], 20 * 60, "{r}");
+    assert_eq!(r["fanout"]["lost"], 0);
+    assert_eq!(r["fanout"]["out_of_order"], 0);
+    assert_eq!(r["latency_us"]["count"], 20 * 60);
+    let chat = tokio::task::spawn_blocking(move || {
+        bench_binary(&[
+            "chat",
+            "--url",
+            &url,
+            "--workers",
+            "2",
+            "--clients",
+            "10",
+            "--rounds",
+            "5",
+        ])
+    });
+    let r = common::within("bench chat --workers 2", chat)
+        .await
+        .expect("thread");
+    assert_eq!(r["chat"]["rounds"], 5, "{r}");
+    assert_eq!(r["deliveries"], 5 * 10 * 10);
+    s.stop().await;
+}
+
 #[test]
 fn tools_exit_2_on_bad_arguments_and_1_when_refused() {
     let code = |args: &[&str]| shardcast().args(args).output().expect("run").status.code();

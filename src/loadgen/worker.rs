@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
 use super::Error;
@@ -300,7 +301,10 @@ pub fn run_worker_process() -> Result<(), Error> {
         .map_err(|e| Error::io("starting the runtime", e))?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
-        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        // The parent's pipes, read and written without a blocking thread in between: chat's
+        // barrier crosses them every round.
+        let (stdin, mut out) = parent_pipes()?;
+        let mut lines = BufReader::new(stdin).lines();
         let first = lines
             .next_line()
             .await
@@ -327,7 +331,6 @@ pub fn run_worker_process() -> Result<(), Error> {
         });
         // FromWorker -> stdout lines
         let writer = tokio::task::spawn_local(async move {
-            let mut out = tokio::io::stdout();
             while let Some(msg) = from_rx.recv().await {
                 let done = matches!(msg, FromWorker::Done(_) | FromWorker::Failed(_));
                 let Ok(mut line) = serde_json::to_vec(&msg) else {
@@ -355,6 +358,22 @@ pub fn run_worker_process() -> Result<(), Error> {
         let _ = writer.await;
         Ok(())
     })
+}
+
+/// Stdin and stdout as asynchronous pipe ends (duplicated descriptors; the parent made them
+/// pipes).
+fn parent_pipes() -> Result<(pipe::Receiver, pipe::Sender), Error> {
+    use std::os::fd::AsFd;
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .map(std::fs::File::from)
+            .map_err(|e| Error::io("duplicating a standard stream", e))
+    };
+    let stdin = pipe::Receiver::from_file(dup(std::io::stdin().as_fd())?)
+        .map_err(|e| Error::io("stdin must be a pipe from the parent", e))?;
+    let stdout = pipe::Sender::from_file(dup(std::io::stdout().as_fd())?)
+        .map_err(|e| Error::io("stdout must be a pipe to the parent", e))?;
+    Ok((stdin, stdout))
 }
 
 /// The parent's handles on its workers: one channel in, one merged channel out.
@@ -442,7 +461,13 @@ impl Workers {
                         match lines.next_line().await {
                             Ok(Some(line)) => match serde_json::from_str::<FromWorker>(&line) {
                                 Ok(m) => {
+                                    // The last message: the end of file that follows is no failure.
+                                    let last =
+                                        matches!(m, FromWorker::Done(_) | FromWorker::Failed(_));
                                     let _ = out.send((i, m));
+                                    if last {
+                                        return;
+                                    }
                                 }
                                 Err(e) => {
                                     let _ = out

@@ -62,7 +62,7 @@ pub async fn run(ctx: &Rc<Ctx>, job: &ChatJob, link: &mut Link) -> Result<Worker
             job.size,
         ));
     }
-    link.send(FromWorker::Ready);
+    super::ready(ctx, link, job.rounds.is_none());
     super::wait_start(ctx, link, job.rounds.is_none()).await?;
     // The round sent and not yet reported done. A client that ended never completes one; the
     // parent's round timeout then ends the run with `Stop`.

@@ -12,7 +12,7 @@ use crate::loadgen::worker::{ConnectJob, FromWorker, ToWorker, WorkerResult};
 
 pub async fn run(ctx: &Rc<Ctx>, job: &ConnectJob, link: &mut Link) -> Result<WorkerResult, Error> {
     let target = Rc::new(ctx.target(0)?);
-    link.send(FromWorker::Ready);
+    super::ready(ctx, link, job.connections.is_none());
     let t0 = super::wait_start(ctx, link, job.connections.is_none()).await?;
     let end_ns = match job.connections {
         Some(_) => u64::MAX,

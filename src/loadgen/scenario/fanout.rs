@@ -92,7 +92,7 @@ pub async fn run(ctx: &Rc<Ctx>, job: &FanoutJob, link: &mut Link) -> Result<Work
         };
         publishers.push((id, publisher));
     }
-    link.send(FromWorker::Ready);
+    super::ready(ctx, link, job.messages.is_none());
 
     let t0 = super::wait_start(ctx, link, job.messages.is_none()).await?;
     let end_ns = match job.messages {

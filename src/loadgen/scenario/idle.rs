@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use super::{Conn, Ctx, Link, read_loop};
 use crate::loadgen::Error;
-use crate::loadgen::worker::{FromWorker, Job, ToWorker, WorkerResult};
+use crate::loadgen::worker::{Job, ToWorker, WorkerResult};
 
 /// An idle connection's read buffer: pings and the odd message.
 const IDLE_READ_BUF: usize = 512;
@@ -23,7 +23,7 @@ pub async fn run(ctx: &Rc<Ctx>, link: &mut Link) -> Result<WorkerResult, Error> 
         tokio::task::spawn_local(hold(ctx.clone(), conn));
     })
     .await;
-    link.send(FromWorker::Ready);
+    super::ready(ctx, link, false);
     super::wait_start(ctx, link, false).await?;
     while !matches!(link.recv().await?, ToWorker::Stop) {}
     ctx.shared.mark_cpu_end();

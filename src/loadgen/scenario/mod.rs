@@ -500,6 +500,15 @@ pub async fn run(plan: Plan, index: u32, mut link: Link) -> Result<WorkerResult,
     result
 }
 
+/// Tells the parent this worker is connected. An untimed run (by count) measures everything
+/// from here on: another worker may start sending before this one has seen `Start`.
+fn ready(ctx: &Ctx, link: &Link, timed: bool) {
+    if !timed {
+        ctx.shared.measure_from_ns.set(0);
+    }
+    link.send(FromWorker::Ready);
+}
+
 /// Waits for the parent's `Start` and marks the measured window; returns the start instant.
 /// `timed`: the run lasts `--warmup` + `--duration` (else it runs by count, unwindowed).
 async fn wait_start(ctx: &Rc<Ctx>, link: &mut Link, timed: bool) -> Result<u64, Error> {
@@ -511,8 +520,8 @@ async fn wait_start(ctx: &Rc<Ctx>, link: &mut Link, timed: bool) -> Result<u64, 
                 } else {
                     t0_ns
                 };
-                ctx.shared.measure_from_ns.set(from);
                 if timed {
+                    ctx.shared.measure_from_ns.set(from);
                     ctx.shared
                         .window_to_ns
                         .set(from + ctx.plan.duration.as_nanos() as u64);
