@@ -172,6 +172,54 @@ async fn refused_connections_are_counted_by_status() {
     s.stop().await;
 }
 
+/// A server that completes every handshake and then sends `garbage`, holding each socket.
+async fn misbehaving_server(garbage: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read_exact(&mut b).await.is_ok() {
+                head.push(b[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap_or("")
+                .to_string();
+            let accept = shardcast::loadgen::client::accept_key(&key);
+            let res = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            let _ = s.write_all(res.as_bytes()).await;
+            let _ = s.write_all(garbage).await;
+            held.push(s);
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_server_frames_are_counted_disconnects_not_panics() {
+    // RSV1 set on a binary frame: no extension was negotiated.
+    let addr = misbehaving_server(&[0xC2, 0x00]).await;
+    let r = bench(addr, &["fanout", "--subscribers", "3", "--messages", "1"]).await;
+    let label = "protocol error: reserved bit set in a server frame";
+    assert!(
+        r.disconnects.get(label).copied().unwrap_or(0) >= 3,
+        "{:?}",
+        r.disconnects
+    );
+    let f = r.fanout.as_ref().expect("fanout result");
+    assert_eq!((f.expected, f.lost), (3, 3));
+}
+
 fn shardcast() -> Command {
     Command::new(env!("CARGO_BIN_EXE_shardcast"))
 }

@@ -92,18 +92,10 @@ pub fn run_sub(args: &SubArgs) -> Result<u64, Error> {
         let mut out = std::io::stdout();
         let interrupt = tokio::signal::ctrl_c();
         tokio::pin!(interrupt);
+        // Frames that arrived with the handshake response are already buffered: parse first.
         'read: loop {
             if args.count.is_some_and(|c| printed >= c) {
                 break;
-            }
-            let n = tokio::select! {
-                n = reader.fill(&mut stream) => n.map_err(|e| Error::io("reading", e))?,
-                _ = &mut interrupt => break 'read,
-            };
-            if n == 0 {
-                return Err(Error::Protocol(
-                    "the server ended the connection without a close frame".into(),
-                ));
             }
             while let Some(frame) = reader.next_frame()? {
                 match frame.opcode {
@@ -146,6 +138,15 @@ pub fn run_sub(args: &SubArgs) -> Result<u64, Error> {
                             .map_err(|e| Error::io("answering a ping", e))?;
                     }
                 }
+            }
+            let n = tokio::select! {
+                n = reader.fill(&mut stream) => n.map_err(|e| Error::io("reading", e))?,
+                _ = &mut interrupt => break 'read,
+            };
+            if n == 0 {
+                return Err(Error::Protocol(
+                    "the server ended the connection without a close frame".into(),
+                ));
             }
         }
         close_politely(&mut stream, &mut reader, &mut rng).await;

@@ -209,7 +209,7 @@ async fn subscriber(ctx: Rc<Ctx>, conn: Conn, sub: Rc<Sub>, publishers: u64, top
             return;
         };
         if stamp.seq >= *expect {
-            *expect = stamp.seq + 1;
+            *expect = stamp.seq.saturating_add(1);
         } else {
             sub.out_of_order.set(sub.out_of_order.get() + 1);
         }

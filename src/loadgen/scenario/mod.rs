@@ -294,13 +294,9 @@ where
 {
     let mut assembler = Assembler::default();
     let mut scratch = Vec::new();
+    // Frames that arrived with the handshake response are already buffered: parse first.
+    let mut now = now_ns();
     loop {
-        match reader.fill(rd).await {
-            Ok(0) => return "eof".into(),
-            Ok(_) => {}
-            Err(e) => return client::io_label(&e),
-        }
-        let now = now_ns();
         loop {
             let frame = match reader.next_frame() {
                 Ok(Some(f)) => f,
@@ -321,6 +317,12 @@ where
                 Err(e) => return client::io_label(&e),
             }
         }
+        match reader.fill(rd).await {
+            Ok(0) => return "eof".into(),
+            Ok(_) => {}
+            Err(e) => return client::io_label(&e),
+        }
+        now = now_ns();
     }
 }
 
