@@ -29,6 +29,15 @@ pub enum Command {
     /// Print the effective configuration (flags, environment, --config file, defaults) as
     /// TOML, secrets redacted, and exit.
     Config(ServeArgs),
+    /// Load generator: drive any WebSocket broadcast server and measure it.
+    Bench(crate::loadgen::BenchArgs),
+    /// Print each message received on a WebSocket, one per line.
+    Sub(crate::loadgen::SubArgs),
+    /// Publish a message, or each line of stdin, over WebSocket or HTTP POST.
+    Pub(crate::loadgen::PubArgs),
+    /// One worker process of `bench` (internal).
+    #[command(name = "__bench-worker", hide = true)]
+    BenchWorker,
 }
 
 /// Flags of `shardcast serve`. Each also reads the `SHARDCAST_*` variable named in its help,
@@ -237,6 +246,7 @@ mod tests {
         let serve = match cli.command {
             Some(Command::Serve(s) | Command::Config(s)) => s,
             None => cli.serve,
+            Some(other) => return Err(format!("not serve: {other:?}")),
         };
         serve.into_config().map_err(|e| e.to_string())
     }

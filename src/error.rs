@@ -8,10 +8,12 @@ use std::net::SocketAddr;
 pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("failed to bind {addr}: {source}")]
+    /// The cause is part of the message (not a `source()`), so it prints once however the
+    /// error is formatted.
+    #[error("failed to bind {addr}: {reason}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("failed to read the listener's address: {0}")]
     LocalAddr(std::io::Error),

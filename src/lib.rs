@@ -28,6 +28,7 @@ mod error;
 pub mod frame;
 pub mod handshake;
 mod http;
+pub mod loadgen;
 pub mod metrics;
 pub mod reader;
 mod relay;

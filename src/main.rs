@@ -2,7 +2,8 @@
 //! and limits, serve until SIGINT or SIGTERM. Everything else lives in the library.
 //!
 //! Exit codes: 0 after a clean shutdown, 1 when serving fails (for example the address is in
-//! use), 2 for a bad flag, value or configuration file.
+//! use), 2 for a bad flag, value or configuration file. The same for `bench`, `sub` and `pub`
+//! (1: the run failed).
 
 use std::process::ExitCode;
 
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => (args, false),
         Some(Command::Config(args)) => (args, true),
         None => (cli.serve, false),
+        Some(tool) => return loadgen(tool),
     };
     let resolved = args
         .with_file(sub)
@@ -127,4 +129,24 @@ fn stop_signals() -> std::io::Result<watch::Receiver<Stop>> {
         std::future::pending::<()>().await;
     });
     Ok(rx)
+}
+
+/// `bench`, `sub`, `pub` and the hidden bench worker: exit 2 for bad arguments, 1 for failure.
+fn loadgen(command: Command) -> ExitCode {
+    use shardcast::loadgen;
+    let result = match command {
+        Command::Bench(args) => loadgen::run_bench(&args)
+            .and_then(|report| loadgen::report::emit(&report, args.scenario.common())),
+        Command::Sub(args) => loadgen::tools::run_sub(&args).map(drop),
+        Command::Pub(args) => loadgen::tools::run_pub(&args).map(drop),
+        Command::BenchWorker => loadgen::run_worker_process(),
+        Command::Serve(_) | Command::Config(_) => Ok(()), // dispatched by `main`
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shardcast: {e}");
+            ExitCode::from(if e.is_bad_args() { 2 } else { 1 })
+        }
+    }
 }

@@ -187,7 +187,7 @@ pub const LISTEN_BACKLOG: i32 = 65_535;
 /// most of their SYNs. `SO_REUSEADDR` lets a restart bind while old sockets sit in
 /// `TIME_WAIT`.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    let fail = |source| Error::Bind { addr, source };
+    let fail = |reason| Error::Bind { addr, reason };
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
