@@ -93,25 +93,30 @@ pub(crate) fn close(code: u16, reason: &str) -> Bytes {
     encode_raw(0x80 | OP_CLOSE, &payload)
 }
 
-/// A masked client frame, as a client would send it: for tests, benchmarks and fuzz seeds.
-/// Servers never send masked frames; nothing in the relay calls this.
-#[doc(hidden)]
-pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut f = vec![(u8::from(fin) << 7) | opcode];
+/// Appends a masked client frame, as a client sends it (the load generator, tests and
+/// benchmarks). Servers never send masked frames; nothing in the relay calls this.
+pub fn encode_client(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    out.push((u8::from(fin) << 7) | opcode);
     match payload.len() {
-        n @ 0..=125 => f.push(0x80 | n as u8),
+        n @ 0..=125 => out.push(0x80 | n as u8),
         n @ 126..=65535 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
         }
         n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
         }
     }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+}
+
+/// One masked client frame with a fixed mask: for tests, benchmarks and fuzz seeds.
+#[doc(hidden)]
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(payload.len() + 14);
+    encode_client(&mut f, fin, opcode, payload, [0x37, 0xfa, 0x21, 0x3d]);
     f
 }
 
