@@ -4,9 +4,10 @@
 //! per-publisher order; a broker killed and restarted; a silent stall; interest-based
 //! subscription; and a measurement of the bus's throughput and added latency.
 //!
-//! Needs `redis-server`, `redis-cli` and `nats-server` on the PATH, so every test here is
+//! Needs `redis-server`, `redis-cli` and `nats-server` on the PATH, so every broker test is
 //! ignored by default: `cargo test --test bus -- --include-ignored`. Without a binary a test
-//! fails with a message saying what to install; it never passes without a broker.
+//! fails with a message saying what to install; it never passes without a broker. The last
+//! test needs no broker: a node whose broker is missing still serves locally.
 mod common;
 
 use std::net::TcpStream as StdTcpStream;
@@ -22,16 +23,21 @@ use tokio_tungstenite::tungstenite::Message;
 // ---------------------------------------------------------------------------------------
 // Brokers
 
-/// Finds `bin` on the PATH or fails the test saying how to get it.
+/// Finds `bin` on the PATH (or in /usr/sbin, where Debian puts nats-server) or fails the
+/// test saying how to get it.
 fn need(bin: &str) -> String {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()));
-    assert!(
-        found,
-        "{bin} is not installed: the bus tests need real brokers \
-         (Debian: apt-get install redis-server nats-server)"
-    );
-    bin.to_string()
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain([Path::new("/usr/sbin").to_path_buf()])
+        .map(|dir| dir.join(bin))
+        .find(|p| p.is_file());
+    match found {
+        Some(p) => p.display().to_string(),
+        None => panic!(
+            "{bin} is not installed: the bus tests need real brokers \
+             (Debian: apt-get install redis-server nats-server)"
+        ),
+    }
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
@@ -311,6 +317,11 @@ async fn subscribed_everywhere(nodes: &[&TestServer], topic: &str) {
     }
 }
 
+/// Stops every node at once. Close the test's clients first: the drain waits for open ones.
+async fn stop_all(nodes: Vec<TestServer>) {
+    futures_util::future::join_all(nodes.into_iter().map(TestServer::stop)).await;
+}
+
 /// Reads `n` data messages as text. Bounded by [`WAIT`].
 async fn read_n(ws: &mut Ws, n: usize) -> Vec<String> {
     within("every expected message", async {
@@ -413,9 +424,9 @@ async fn three_nodes_exact(url: BusUrl) {
         assert_eq!(stats.deliveries, 3 * total as u64, "3 clients per node");
         assert_eq!(b.subscriptions, 1);
     }
-    for node in nodes {
-        node.stop().await;
-    }
+    drop(all);
+    drop((readers, subscribers));
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,8 +485,16 @@ async fn broker_restart(url: BusUrl, kill: impl FnOnce(), restart: impl FnOnce()
     let want: Vec<String> = (M..2 * M).map(|i| format!("a-{i}")).collect();
     assert_eq!(local, want, "local delivery during the outage");
     read_n(&mut publisher, M).await;
-    let stats = nodes[0].relay.stats().await;
-    assert_eq!(bus(&stats).dropped_disconnected, M as u64);
+    stats_until(
+        &nodes[0],
+        "the outage's messages counted as not sent",
+        |s| {
+            s.bus
+                .as_ref()
+                .is_some_and(|b| b.dropped_disconnected == M as u64)
+        },
+    )
+    .await;
 
     restart();
     let back = Instant::now();
@@ -507,9 +526,8 @@ async fn broker_restart(url: BusUrl, kill: impl FnOnce(), restart: impl FnOnce()
         2 * M as u64,
         "the outage's messages never arrive"
     );
-    for node in nodes {
-        node.stop().await;
-    }
+    drop((publisher, subs));
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -583,9 +601,8 @@ async fn redis_silent_stall_is_detected_and_recovered() {
     let got = read_n(&mut sub, M).await;
     assert_each_in_order(&got, &["a".to_string()], M);
     assert_nothing_more(&mut sub, Duration::from_millis(300)).await;
-    for node in nodes {
-        node.stop().await;
-    }
+    drop((publisher, sub));
+    stop_all(nodes).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -642,9 +659,8 @@ async fn interest_only(url: BusUrl) {
         "C received only the marker, never hot's traffic"
     );
     assert_eq!(bus(&sc).subscriptions, 1);
-    for node in nodes {
-        node.stop().await;
-    }
+    drop((publisher, cold));
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -666,4 +682,148 @@ async fn redis_cluster_node_without_subscribers_receives_no_traffic() {
 async fn nats_node_without_subscribers_receives_no_traffic() {
     let nats = Nats::start();
     interest_only(nats.url()).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// No broker at all (runs without any broker installed)
+
+/// A node whose broker is not there serves its own subscribers as if standalone, counts
+/// what it could not send, and keeps trying to connect.
+#[tokio::test]
+async fn without_its_broker_a_node_still_delivers_locally() {
+    for scheme in ["redis", "nats"] {
+        let url: BusUrl = format!("{scheme}://127.0.0.1:{}", free_port())
+            .parse()
+            .expect("url");
+        let node = start(node_config(&url)).await;
+        let mut a = node.connect("/ws/room").await;
+        let mut b = node.connect("/ws/room").await;
+        send_all(&mut a, "a", 0..10).await;
+        assert_each_in_order(&read_n(&mut b, 10).await, &["a".to_string()], 10);
+        let stats = stats_until(&node, "the unsent messages counted", |s| {
+            s.bus.as_ref().is_some_and(|b| b.dropped_disconnected == 10)
+        })
+        .await;
+        let counters = bus(&stats);
+        assert!(
+            !counters.connected && counters.published == 0 && counters.subscriptions == 0,
+            "{counters:?}"
+        );
+        drop((a, b));
+        node.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Measurement: throughput through the bus and the latency it adds (docs/cluster.md)
+
+/// Two nodes. Throughput: node A publishes `N` messages server-side to a topic whose only
+/// subscriber is on node B; messages per second from the first publish to the last receipt.
+/// Latency: one subscriber on A and one on B; A publishes one message per millisecond
+/// stamped with its send time; percentiles of receipt minus send on each side.
+/// Every message must arrive. Prints its figures. In the normal run (CI runs it alongside
+/// every other test) the sizes are small; `SHARDCAST_BUS_MEASURE=1` with `--release
+/// --nocapture`, alone, gives numbers worth quoting.
+async fn measure(name: &str, url: BusUrl) {
+    let full = std::env::var_os("SHARDCAST_BUS_MEASURE").is_some();
+    let (n, samples) = if full { (50_000, 2000) } else { (2000, 200) };
+    const LONG: Duration = Duration::from_secs(120);
+    let nodes = start_nodes(&url, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+
+    let mut sub = b.connect("/ws?topic=tput").await;
+    subscribed_everywhere(&[b], "tput").await;
+    let topic = Topic::new("tput").expect("topic");
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            next_data(&mut sub).await;
+            got += 1;
+        }
+        Instant::now()
+    });
+    let start = Instant::now();
+    for i in 0..n {
+        a.relay
+            .publish(
+                &topic,
+                shardcast::Opcode::Text,
+                format!("{i:064}").as_bytes(),
+            )
+            .await
+            .expect("publish");
+    }
+    let end = tokio::time::timeout(LONG, reader)
+        .await
+        .expect("every message within the bound")
+        .expect("reader");
+    let rate = n as f64 / (end - start).as_secs_f64();
+
+    let local = a.connect("/ws?topic=lat").await;
+    let remote = b.connect("/ws?topic=lat").await;
+    subscribed_everywhere(&[a, b], "lat").await;
+    let base = Instant::now();
+    let stamp = move |ws: Ws| {
+        tokio::spawn(async move {
+            let mut ws = ws;
+            let mut lat = Vec::with_capacity(samples);
+            while lat.len() < samples {
+                let m = next_data(&mut ws).await.into_text().expect("text");
+                let sent: u64 = m.parse().expect("stamp");
+                lat.push(base.elapsed().as_nanos() as u64 - sent);
+            }
+            lat.sort_unstable();
+            lat
+        })
+    };
+    let (l, r) = (stamp(local), stamp(remote));
+    let topic = Topic::new("lat").expect("topic");
+    for _ in 0..samples {
+        let sent = base.elapsed().as_nanos() as u64;
+        a.relay
+            .publish(&topic, shardcast::Opcode::Text, sent.to_string().as_bytes())
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let pct = |v: &[u64], p: f64| v[((v.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+    let l = tokio::time::timeout(LONG, l)
+        .await
+        .expect("local")
+        .expect("local");
+    let r = tokio::time::timeout(LONG, r)
+        .await
+        .expect("remote")
+        .expect("remote");
+    println!(
+        "{name}: {n} messages of 64 B, node A -> node B through the bus: {rate:.0} msg/s; \
+         latency publish -> receive, same node p50 {:.0} us p99 {:.0} us, \
+         other node p50 {:.0} us p99 {:.0} us",
+        pct(&l, 0.5),
+        pct(&l, 0.99),
+        pct(&r, 0.5),
+        pct(&r, 0.99),
+    );
+    stop_all(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn measure_redis_bus() {
+    let redis = Redis::start();
+    measure("redis", redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn measure_redis_cluster_bus() {
+    let cluster = RedisCluster::start();
+    measure("redis+cluster", cluster.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn measure_nats_bus() {
+    let nats = Nats::start();
+    measure("nats", nats.url()).await;
 }

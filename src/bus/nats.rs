@@ -106,9 +106,16 @@ impl Session {
     }
 
     pub(super) async fn close(self) {
-        for (_, reader) in self.readers {
+        drop(self);
+    }
+}
+
+impl Drop for Session {
+    /// The readers hold the subscribers, which keep the connection open; ending them with the
+    /// client closes it, also when the bus task is aborted at shutdown.
+    fn drop(&mut self) {
+        for reader in self.readers.values() {
             reader.abort();
         }
-        drop(self.client);
     }
 }

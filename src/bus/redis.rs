@@ -158,12 +158,21 @@ impl Session {
 
     pub(super) async fn close(self) {
         self.reader.abort();
-        // QUIT politely, but never wait on a broker that is gone or stalled.
+        // QUIT politely, but never wait on a broker that is gone or stalled. Dropping `self`
+        // then ends the connection tasks.
         let quit = async {
             let _ = tokio::join!(self.publisher.quit(), self.subscriber.quit());
         };
         let _ = tokio::time::timeout(std::time::Duration::from_millis(100), quit).await;
-        for t in self.tasks {
+    }
+}
+
+impl Drop for Session {
+    /// The connection tasks hold the clients; without this they would outlive the session
+    /// (and, when the bus task is aborted at shutdown, the server).
+    fn drop(&mut self) {
+        self.reader.abort();
+        for t in &self.tasks {
             t.abort();
         }
     }
