@@ -299,6 +299,22 @@ mod tests {
     }
 
     #[test]
+    fn the_bus_url_is_checked_and_written_back_redacted() {
+        let f = parse("bus = \"redis://:pw@127.0.0.1:6379\"\nbus-prefix = \"app\"\n").unwrap();
+        assert_eq!(
+            f.bus.as_ref().map(BusUrl::kind),
+            Some(crate::BusKind::Redis)
+        );
+        assert_eq!(f.bus_prefix.as_deref(), Some("app"));
+        let text = f.to_toml();
+        assert!(text.contains("redis://<redacted>@127.0.0.1:6379"), "{text}");
+        assert!(!text.contains("pw"), "{text}");
+        let err = parse("bus = \"kafka://127.0.0.1:9092\"\n").unwrap_err();
+        assert!(err.starts_with("line 1, key `bus`"), "{err}");
+        assert!(err.contains("invalid bus URL"), "{err}");
+    }
+
+    #[test]
     fn sizes_take_numbers_or_units() {
         let f = parse("max-message-bytes = 1024\nsend-queue-bytes = \"2MiB\"\n").unwrap();
         assert_eq!(f.max_message_bytes, Some(1024));
