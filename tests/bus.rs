@@ -214,12 +214,31 @@ impl RedisCluster {
             "redis-cli --cluster create failed: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        for n in &nodes {
+        let cluster = Self { nodes, _dir: dir };
+        cluster.wait_ok();
+        cluster
+    }
+
+    fn wait_ok(&self) {
+        for n in &self.nodes {
             wait_for("cluster_state:ok on every node", || {
                 ask(n.port, b"CLUSTER INFO\r\n").is_some_and(|r| r.contains("cluster_state:ok"))
             });
         }
-        Self { nodes, _dir: dir }
+    }
+
+    fn kill(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+    }
+
+    /// Restarts every node; each reloads its nodes-PORT.conf, so the cluster forms again.
+    fn restart(&mut self) {
+        for n in &mut self.nodes {
+            n.restart();
+        }
+        self.wait_ok();
     }
 
     fn url(&self) -> BusUrl {
@@ -554,6 +573,20 @@ async fn nats_restart_resumes_within_two_seconds_without_duplicates() {
         url,
         || nats.borrow_mut().broker.kill(),
         || nats.borrow_mut().restart(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn redis_cluster_restart_resumes_within_two_seconds_without_duplicates() {
+    let mut cluster = RedisCluster::start();
+    let url = cluster.url();
+    let cluster = std::cell::RefCell::new(&mut cluster);
+    broker_restart(
+        url,
+        || cluster.borrow_mut().kill(),
+        || cluster.borrow_mut().restart(),
     )
     .await;
 }
