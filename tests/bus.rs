@@ -146,6 +146,15 @@ fn redis_args(port: u16, dir: &Path, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// What the failure tests do to a broker, whichever it is.
+trait TestBroker {
+    fn url(&self) -> BusUrl;
+    /// Kills every broker process.
+    fn kill(&mut self);
+    /// Starts them again on the same ports and waits until they serve.
+    fn restart(&mut self);
+}
+
 struct Redis {
     broker: Broker,
     _dir: tempfile::TempDir,
@@ -159,11 +168,17 @@ impl Redis {
         wait_for("redis-server to answer PING", || redis_ready(port));
         Self { broker, _dir: dir }
     }
+}
 
+impl TestBroker for Redis {
     fn url(&self) -> BusUrl {
         format!("redis://127.0.0.1:{}", self.broker.port)
             .parse()
             .expect("redis url")
+    }
+
+    fn kill(&mut self) {
+        self.broker.kill();
     }
 
     fn restart(&mut self) {
@@ -226,6 +241,19 @@ impl RedisCluster {
             });
         }
     }
+}
+
+impl TestBroker for RedisCluster {
+    fn url(&self) -> BusUrl {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+            .parse()
+            .expect("cluster url")
+    }
 
     fn kill(&mut self) {
         for n in &mut self.nodes {
@@ -239,17 +267,6 @@ impl RedisCluster {
             n.restart();
         }
         self.wait_ok();
-    }
-
-    fn url(&self) -> BusUrl {
-        let hosts: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        format!("redis+cluster://{}", hosts.join(","))
-            .parse()
-            .expect("cluster url")
     }
 }
 
@@ -272,11 +289,17 @@ impl Nats {
     fn ready(port: u16) -> bool {
         ask(port, b"PING\r\n").is_some_and(|r| r.starts_with("INFO"))
     }
+}
 
+impl TestBroker for Nats {
     fn url(&self) -> BusUrl {
         format!("nats://127.0.0.1:{}", self.broker.port)
             .parse()
             .expect("nats url")
+    }
+
+    fn kill(&mut self) {
+        self.broker.kill();
     }
 
     fn restart(&mut self) {
@@ -476,7 +499,8 @@ async fn nats_three_nodes_deliver_exactly_once_in_order() {
 /// messages reach A's subscribers only (and are counted as dropped for the bus); once it is
 /// back, every node is connected and resubscribed within 2 s, and the next messages reach
 /// everyone exactly once: nothing from the outage is replayed, nothing is duplicated.
-async fn broker_restart(url: BusUrl, kill: impl FnOnce(), restart: impl FnOnce()) {
+async fn broker_restart(broker: &mut impl TestBroker) {
+    let url = broker.url();
     const M: usize = 100;
     let nodes = start_nodes(&url, 3).await;
     let mut publisher = nodes[0].connect("/ws/room").await;
@@ -491,7 +515,7 @@ async fn broker_restart(url: BusUrl, kill: impl FnOnce(), restart: impl FnOnce()
         assert_each_in_order(&read_n(ws, M).await, &a, M);
     }
 
-    kill();
+    broker.kill();
     for node in &nodes {
         until("every node to see the broker gone", || {
             !node.relay.bus_connected()
@@ -515,7 +539,7 @@ async fn broker_restart(url: BusUrl, kill: impl FnOnce(), restart: impl FnOnce()
     )
     .await;
 
-    restart();
+    broker.restart();
     let back = Instant::now();
     let t = Topic::new("room").expect("topic");
     for node in &nodes {
@@ -552,43 +576,19 @@ async fn broker_restart(url: BusUrl, kill: impl FnOnce(), restart: impl FnOnce()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server and nats-server"]
 async fn redis_restart_resumes_within_two_seconds_without_duplicates() {
-    let mut redis = Redis::start();
-    let url = redis.url();
-    let redis = std::cell::RefCell::new(&mut redis);
-    broker_restart(
-        url,
-        || redis.borrow_mut().broker.kill(),
-        || redis.borrow_mut().restart(),
-    )
-    .await;
+    broker_restart(&mut Redis::start()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server and nats-server"]
 async fn nats_restart_resumes_within_two_seconds_without_duplicates() {
-    let mut nats = Nats::start();
-    let url = nats.url();
-    let nats = std::cell::RefCell::new(&mut nats);
-    broker_restart(
-        url,
-        || nats.borrow_mut().broker.kill(),
-        || nats.borrow_mut().restart(),
-    )
-    .await;
+    broker_restart(&mut Nats::start()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server and nats-server"]
 async fn redis_cluster_restart_resumes_within_two_seconds_without_duplicates() {
-    let mut cluster = RedisCluster::start();
-    let url = cluster.url();
-    let cluster = std::cell::RefCell::new(&mut cluster);
-    broker_restart(
-        url,
-        || cluster.borrow_mut().kill(),
-        || cluster.borrow_mut().restart(),
-    )
-    .await;
+    broker_restart(&mut RedisCluster::start()).await;
 }
 
 // ---------------------------------------------------------------------------------------
