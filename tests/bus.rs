@@ -153,6 +153,8 @@ trait TestBroker {
     fn kill(&mut self);
     /// Starts them again on the same ports and waits until they serve.
     fn restart(&mut self);
+    /// Sends `sig` (`-STOP`, `-CONT`) to every broker process.
+    fn signal(&self, sig: &str);
 }
 
 struct Redis {
@@ -185,6 +187,10 @@ impl TestBroker for Redis {
         self.broker.restart();
         let port = self.broker.port;
         wait_for("redis-server to answer PING again", || redis_ready(port));
+    }
+
+    fn signal(&self, sig: &str) {
+        self.broker.signal(sig);
     }
 }
 
@@ -268,6 +274,12 @@ impl TestBroker for RedisCluster {
         }
         self.wait_ok();
     }
+
+    fn signal(&self, sig: &str) {
+        for n in &self.nodes {
+            n.signal(sig);
+        }
+    }
 }
 
 struct Nats {
@@ -306,6 +318,10 @@ impl TestBroker for Nats {
         self.broker.restart();
         let port = self.broker.port;
         wait_for("nats-server to send INFO again", || Self::ready(port));
+    }
+
+    fn signal(&self, sig: &str) {
+        self.broker.signal(sig);
     }
 }
 
@@ -594,15 +610,12 @@ async fn redis_cluster_restart_resumes_within_two_seconds_without_duplicates() {
 // ---------------------------------------------------------------------------------------
 // Silent stall
 
-/// The broker stops answering without closing anything (SIGSTOP). Each node's probe does
-/// not come back, the stall is counted, and once the broker runs again (SIGCONT) the nodes
-/// reconnect, resubscribe, and deliver exactly once again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs redis-server and nats-server"]
-async fn redis_silent_stall_is_detected_and_recovered() {
+/// The broker stops answering without closing anything (SIGSTOP; every primary of a
+/// cluster). Each node's probe does not come back, the stall is counted, and once the broker
+/// runs again (SIGCONT) the nodes reconnect, resubscribe, and deliver exactly once again.
+async fn silent_stall(broker: &impl TestBroker) {
     const M: usize = 50;
-    let redis = Redis::start();
-    let url = redis.url();
+    let url = broker.url();
     let mut nodes = Vec::new();
     for _ in 0..2 {
         let mut c = node_config(&url);
@@ -615,14 +628,14 @@ async fn redis_silent_stall_is_detected_and_recovered() {
     let mut sub = nodes[1].connect("/ws?topic=room").await;
     subscribed_everywhere(&[&nodes[0], &nodes[1]], "room").await;
 
-    redis.broker.signal("-STOP");
+    broker.signal("-STOP");
     for node in &nodes {
         stats_until(node, "a stall detected by the probe", |s| {
             s.bus.as_ref().is_some_and(|b| b.stall_detected >= 1)
         })
         .await;
     }
-    redis.broker.signal("-CONT");
+    broker.signal("-CONT");
     let t = Topic::new("room").expect("topic");
     for node in &nodes {
         until("every node to reconnect after the stall", || {
@@ -636,6 +649,24 @@ async fn redis_silent_stall_is_detected_and_recovered() {
     assert_nothing_more(&mut sub, Duration::from_millis(300)).await;
     drop((publisher, sub));
     stop_all(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn redis_silent_stall_is_detected_and_recovered() {
+    silent_stall(&Redis::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn redis_cluster_silent_stall_is_detected_and_recovered() {
+    silent_stall(&RedisCluster::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn nats_silent_stall_is_detected_and_recovered() {
+    silent_stall(&Nats::start()).await;
 }
 
 // ---------------------------------------------------------------------------------------
