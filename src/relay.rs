@@ -362,7 +362,9 @@ impl Relay {
     }
 
     /// Places a new connection on a shard and subscribes it to `topics` before returning, so
-    /// every message published after the handshake response reaches it.
+    /// every message published after the handshake response reaches it. With a bus, that
+    /// includes messages published on other nodes: it also waits (at most a second) for the
+    /// node's broker subscriptions.
     pub(crate) async fn reserve(
         &self,
         topics: Box<[Topic]>,
@@ -372,6 +374,8 @@ impl Relay {
         if self.is_draining() {
             return Err(Error::ShuttingDown);
         }
+        // With a bus, the topics are needed again after the shard has them (see below).
+        let bus_topics = self.shared.bus.as_ref().map(|_| topics.clone());
         let shard =
             self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % self.shared.shards.len();
         let id = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
@@ -388,6 +392,13 @@ impl Relay {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         let key = rx.await.map_err(|_| Error::ShuttingDown)?;
+        if let (Some(bus), Some(topics)) = (&self.shared.bus, bus_topics) {
+            // Hold the 101 until the node is subscribed on the broker (a few ms for a topic
+            // new to this node), so messages published on other nodes after the handshake
+            // reach this client too. Bounded, and skipped while the broker is away.
+            bus.wait_subscribed(&topics, crate::bus::SUBSCRIBE_WAIT)
+                .await;
+        }
         Ok(Slot { shard, key, id })
     }
 

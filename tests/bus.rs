@@ -41,9 +41,19 @@ fn need(bin: &str) -> String {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
+/// Never the same one twice in this process: the tests run in parallel, and the kernel may
+/// hand a just-released port out again.
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = l.local_addr().expect("local addr").port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A broker process, killed when dropped (also when the test panics).
@@ -208,10 +218,20 @@ impl RedisCluster {
                 let port = free_port();
                 let conf = dir.path().join(format!("nodes-{port}.conf"));
                 let conf = conf.display().to_string();
+                // The cluster bus defaults to port + 10000, past 65535 for half the
+                // ephemeral range: give it a free port of its own (Redis 7's cluster-port).
+                let bus_port = free_port().to_string();
                 let args = redis_args(
                     port,
                     dir.path(),
-                    &["--cluster-enabled", "yes", "--cluster-config-file", &conf],
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &conf,
+                        "--cluster-port",
+                        &bus_port,
+                    ],
                 );
                 Broker::spawn("redis-server", args, port)
             })
@@ -890,4 +910,41 @@ async fn measure_redis_cluster_bus() {
 async fn measure_nats_bus() {
     let nats = Nats::start();
     measure("nats", nats.url()).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The handshake waits for the broker subscription
+
+/// A subscriber on node B whose handshake has completed gets a message published on node A
+/// right after, even for a topic B had no subscriber of: the 101 waited for B's broker
+/// subscription. Twenty fresh topics, no readiness polling in between.
+async fn handshake_waits_for_the_bus(url: BusUrl) {
+    let nodes = start_nodes(&url, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    for i in 0..20 {
+        let mut publisher = a.connect(&format!("/ws/fresh-{i}")).await;
+        let mut sub = b.connect(&format!("/ws?topic=fresh-{i}")).await;
+        send_text(&mut publisher, &format!("m{i}")).await;
+        assert_eq!(read_n(&mut sub, 1).await, vec![format!("m{i}")]);
+        drop((publisher, sub));
+    }
+    stop_all(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn redis_subscriber_gets_messages_published_right_after_its_handshake() {
+    handshake_waits_for_the_bus(Redis::start().url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn redis_cluster_subscriber_gets_messages_published_right_after_its_handshake() {
+    handshake_waits_for_the_bus(RedisCluster::start().url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn nats_subscriber_gets_messages_published_right_after_its_handshake() {
+    handshake_waits_for_the_bus(Nats::start().url()).await;
 }

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -58,6 +58,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Longest a connect or a broker command may take before the session is given up.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a WebSocket handshake waits for its node's broker subscriptions.
+pub(crate) const SUBSCRIBE_WAIT: Duration = Duration::from_secs(1);
 
 /// The bus settings of a [`crate::Config`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,6 +272,9 @@ pub(crate) struct Bus {
     /// (un)subscribe, for `Relay::bus_subscribed` and the subscriptions gauge. The bus task
     /// owns the real set; this copy is read only by checks and scrapes.
     subscribed: Mutex<HashSet<Topic>>,
+    /// Bumped after each change of `subscribed` or `connected`, waking handshakes waiting
+    /// in [`Bus::wait_subscribed`].
+    changed: watch::Sender<u64>,
     reconnects: AtomicU64,
     published: AtomicU64,
     received: AtomicU64,
@@ -300,6 +305,7 @@ impl Bus {
             rescan: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             subscribed: Mutex::new(HashSet::new()),
+            changed: watch::Sender::new(0),
             reconnects: AtomicU64::new(0),
             published: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -336,6 +342,33 @@ impl Bus {
         if let Err(mpsc::error::TrySendError::Full(_)) = self.changes.try_send(topic.clone()) {
             self.rescan.store(true, Ordering::Release);
         }
+    }
+
+    /// Waits, at most `limit`, until the node is subscribed on the broker to every one of
+    /// `topics`, so that a client whose handshake completes after this gets every message
+    /// published on any node from then on. Returns at once when no session is up: there is
+    /// nothing to wait for.
+    pub(crate) async fn wait_subscribed(&self, topics: &[Topic], limit: Duration) {
+        let mut rx = self.changed.subscribe();
+        let ready = || {
+            !self.is_connected() || {
+                let subscribed = lock(&self.subscribed);
+                topics.iter().all(|t| subscribed.contains(t))
+            }
+        };
+        let wait = async {
+            while !ready() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Release);
+        self.changed.send_modify(|n| *n += 1);
     }
 
     pub(crate) fn is_subscribed(&self, topic: &Topic) -> bool {
@@ -665,7 +698,7 @@ impl Task {
                     }
                     sessions += 1;
                     let ended = self.serve(&mut session, probes_rx).await;
-                    self.bus.connected.store(false, Ordering::Release);
+                    self.bus.set_connected(false);
                     self.set_subscribed(HashSet::new());
                     session.close().await;
                     tracing::warn!(error = %ended, "bus session lost; messages reach local subscribers only until it is back");
@@ -780,7 +813,7 @@ impl Task {
             .subscribe(&self.config.url, vec![self.naming.probe.clone()])
             .await?;
         self.reconcile(session, true).await?;
-        self.bus.connected.store(true, Ordering::Release);
+        self.bus.set_connected(true);
         Ok(())
     }
 
@@ -862,6 +895,7 @@ impl Task {
 
     fn set_subscribed(&self, set: HashSet<Topic>) {
         *lock(&self.bus.subscribed) = set;
+        self.bus.changed.send_modify(|n| *n += 1);
     }
 }
 
