@@ -540,7 +540,8 @@ impl Inbound {
 /// One connection to the broker, whichever kind.
 enum Session {
     Redis(redis::Session),
-    Nats(nats::Session),
+    /// Boxed: it holds its sync subscription inline, and is the larger by far.
+    Nats(Box<nats::Session>),
 }
 
 impl Session {
@@ -550,7 +551,9 @@ impl Session {
                 BusKind::Redis | BusKind::RedisCluster => {
                     redis::Session::connect(url, inbound).await.map(Self::Redis)
                 }
-                BusKind::Nats => nats::Session::connect(url, inbound).await.map(Self::Nats),
+                BusKind::Nats => nats::Session::connect(url, inbound)
+                    .await
+                    .map(|s| Self::Nats(Box::new(s))),
             }
         };
         tokio::time::timeout(COMMAND_TIMEOUT, connect)
@@ -631,7 +634,7 @@ impl Session {
     async fn close(self) {
         match self {
             Self::Redis(s) => s.close().await,
-            Self::Nats(s) => s.close().await,
+            Self::Nats(s) => (*s).close().await,
         }
     }
 }
