@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
+use crate::bus::{BusConfig, BusUrl};
 use crate::config::{
     AuthConfig, Config, JwtKey, LogFormat, Secret, TlsConfig, parse_duration, parse_size,
 };
@@ -129,6 +130,12 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "SHARDCAST_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Join other nodes through a broker: redis://host:port, redis+cluster://host:port,host:port or nats://host:port [default: standalone].
+    #[arg(long, env = "SHARDCAST_BUS")]
+    pub bus: Option<BusUrl>,
+    /// Prefix of the broker channels (prefix:topic on Redis, prefix.topic on NATS).
+    #[arg(long, env = "SHARDCAST_BUS_PREFIX", default_value = crate::bus::DEFAULT_PREFIX)]
+    pub bus_prefix: String,
 }
 
 fn read_file(flag: &str, path: &Path) -> Result<String, crate::Error> {
@@ -230,6 +237,10 @@ impl ServeArgs {
                 allowed_origins: self.allowed_origin,
             },
             tls,
+            bus: self.bus.map(|url| BusConfig {
+                prefix: self.bus_prefix,
+                ..BusConfig::new(url)
+            }),
         };
         config.validate()?;
         Ok(config)
@@ -285,6 +296,9 @@ mod tests {
             &["--shards", "0"],
             &["--max-message-bytes", "0"],
             &["--listen", "nowhere"],
+            &["--bus", "redis://nowhere"],
+            &["--bus", "kafka://127.0.0.1:9092"],
+            &["--bus", "nats://127.0.0.1:4222", "--bus-prefix", "a..b"],
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(args[0]), "{err}");

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::Error;
+use crate::bus::BusConfig;
 
 /// Everything `run` needs. Build it with [`Config::default`] and adjust, or from the CLI.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +54,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Serve `wss://` and `https://` with this certificate; `None`: plain TCP.
     pub tls: Option<TlsConfig>,
+    /// Join other nodes through this broker (`--bus`); `None`: standalone.
+    pub bus: Option<BusConfig>,
 }
 
 /// Log line format of the binary.
@@ -181,6 +184,7 @@ impl Default for Config {
             client_publish_rate: None,
             auth: AuthConfig::default(),
             tls: None,
+            bus: None,
         }
     }
 }
@@ -235,6 +239,9 @@ impl Config {
         }
         if self.client_publish_rate == Some(0) {
             return bad("--client-publish-rate must be greater than zero".into());
+        }
+        if let Some(bus) = &self.bus {
+            bus.validate().map_err(Error::Config)?;
         }
         crate::auth::Auth::new(&self.auth)?;
         if let Some(tls) = &self.tls {

@@ -11,6 +11,7 @@ use clap::parser::ValueSource;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::Error;
+use crate::bus::BusUrl;
 use crate::cli::ServeArgs;
 use crate::config::{LogFormat, parse_duration, parse_size};
 
@@ -66,6 +67,10 @@ pub struct FileConfig {
     tls_cert: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_key: Option<PathBuf>,
+    #[serde(default, with = "bus_url", skip_serializing_if = "Option::is_none")]
+    bus: Option<BusUrl>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bus_prefix: Option<String>,
 }
 
 /// Reads and parses `path`. Errors name the file, the line and the key.
@@ -132,6 +137,7 @@ impl FileConfig {
             handshake_timeout,
             api_key,
             allowed_origin,
+            bus_prefix,
         );
         fill_opt!(
             shards,
@@ -144,6 +150,7 @@ impl FileConfig {
             api_key_file,
             tls_cert,
             tls_key,
+            bus,
         );
     }
 
@@ -178,6 +185,8 @@ impl FileConfig {
             allowed_origin: Some(args.allowed_origin.clone()),
             tls_cert: args.tls_cert.clone(),
             tls_key: args.tls_key.clone(),
+            bus: args.bus.clone(),
+            bus_prefix: Some(args.bus_prefix.clone()),
         }
     }
 
@@ -233,6 +242,25 @@ mod size {
     }
 }
 
+/// A `--bus` URL; written back with its credentials redacted.
+mod bus_url {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BusUrl>, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<BusUrl>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(url) => s.serialize_str(&url.redacted()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 mod log_format {
     use super::*;
 
@@ -268,6 +296,22 @@ mod tests {
         let err = parse("shards = 2\nno-such-key = 1\n").unwrap_err();
         assert!(err.starts_with("line 2, key `no-such-key`"), "{err}");
         assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn the_bus_url_is_checked_and_written_back_redacted() {
+        let f = parse("bus = \"redis://:pw@127.0.0.1:6379\"\nbus-prefix = \"app\"\n").unwrap();
+        assert_eq!(
+            f.bus.as_ref().map(BusUrl::kind),
+            Some(crate::BusKind::Redis)
+        );
+        assert_eq!(f.bus_prefix.as_deref(), Some("app"));
+        let text = f.to_toml();
+        assert!(text.contains("redis://<redacted>@127.0.0.1:6379"), "{text}");
+        assert!(!text.contains("pw"), "{text}");
+        let err = parse("bus = \"kafka://127.0.0.1:9092\"\n").unwrap_err();
+        assert!(err.starts_with("line 1, key `bus`"), "{err}");
+        assert!(err.contains("invalid bus URL"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - `http`: admission against the connection limits, the upgrade, `POST /publish/{topic}`.
 //! - `conn` and `reader`: a connection's reader task and its buffer-free frame parser.
 //! - `relay`: the one publish function and the topic interest registry ([`Relay`]).
+//! - `bus`: joins nodes through Redis, Redis Cluster or NATS (`--bus`).
 //! - `frame`: encodes each published frame once.
 //! - `shard`: hub shards that own clients, fan out, write, and run heartbeats.
 //! - `wheel`: the timer wheel each shard drives.
@@ -19,6 +20,7 @@
 //! See `docs/ARCHITECTURE.md` for the invariants that hold these together.
 
 pub mod auth;
+pub mod bus;
 pub mod cli;
 mod config;
 pub mod config_file;
@@ -39,6 +41,7 @@ mod tls;
 mod topic;
 mod wheel;
 
+pub use bus::{BusConfig, BusKind, BusStats, BusUrl};
 pub use config::{
     AuthConfig, Config, JwtKey, LogFormat, MAX_SHARDS, Secret, TlsConfig, parse_duration,
     parse_size,

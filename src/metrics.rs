@@ -20,6 +20,11 @@ pub(crate) const FANOUT_BOUNDS: &[f64] = &[
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0,
 ];
 
+/// Upper bounds of `bus_round_trip_seconds`: 100 µs to 5 s.
+pub(crate) const BUS_RTT_BOUNDS: &[f64] = &[
+    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
 /// Upper bounds of `send_queue_bytes`: empty, then 1 KiB to 4 MiB.
 pub(crate) const QUEUE_BOUNDS: &[f64] = &[
     0.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
@@ -187,6 +192,7 @@ impl Collector for Snapshot {
                 ("ws", s.published_ws),
                 ("http", s.published_http),
                 ("api", s.published_api),
+                ("bus", s.published_bus),
             ] {
                 let labels = [("source", source)];
                 ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
@@ -226,8 +232,73 @@ impl Collector for Snapshot {
             &Unit::Seconds,
             &s.publish_fanout,
         )?;
+        if let Some(bus) = &s.bus {
+            encode_bus(&mut enc, bus)?;
+        }
         Ok(())
     }
+}
+
+/// The `shardcast_bus_*` series, present only on a node started with `--bus`.
+fn encode_bus(enc: &mut DescriptorEncoder, b: &crate::BusStats) -> std::fmt::Result {
+    gauge(
+        enc,
+        "bus_connected",
+        "1 while a bus session is up (subscribed and probing), else 0",
+        i64::from(b.connected),
+    )?;
+    gauge(
+        enc,
+        "bus_subscriptions",
+        "Broker channels this node is subscribed to, one per topic with a local subscriber",
+        b.subscriptions as i64,
+    )?;
+    for (name, help, v) in [
+        (
+            "bus_reconnects",
+            "Bus sessions established after a previous one was lost",
+            b.reconnects,
+        ),
+        (
+            "bus_published",
+            "Messages the broker accepted from this node",
+            b.published,
+        ),
+        (
+            "bus_received",
+            "Messages from other nodes received and delivered locally",
+            b.received,
+        ),
+        (
+            "bus_dropped_own",
+            "This node's own messages that came back from the broker, dropped",
+            b.dropped_own,
+        ),
+        (
+            "bus_dropped_disconnected",
+            "Messages delivered locally only because no bus session was up",
+            b.dropped_disconnected,
+        ),
+        (
+            "bus_rejected",
+            "Messages from the broker that were unreadable, for no known topic, or lost by a lagging reader",
+            b.rejected,
+        ),
+        (
+            "bus_stall_detected",
+            "Stall probes that did not come back in time; each restarted the session",
+            b.stall_detected,
+        ),
+    ] {
+        counter(enc, name, help, None, v)?;
+    }
+    histogram(
+        enc,
+        "bus_round_trip",
+        "Round trip of the stall probe through the broker",
+        &Unit::Seconds,
+        &b.round_trip,
+    )
 }
 
 #[cfg(test)]
@@ -267,6 +338,29 @@ mod tests {
             "shardcast_topics",
             "shardcast_send_queue_bytes_bucket",
             "shardcast_publish_fanout_seconds_bucket",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        assert!(
+            !text.contains("shardcast_bus_"),
+            "standalone: no bus series"
+        );
+        let text = render(Stats {
+            bus: Some(crate::BusStats::default()),
+            ..Stats::default()
+        });
+        for name in [
+            "shardcast_messages_published_total{source=\"bus\"}",
+            "shardcast_bus_connected 0",
+            "shardcast_bus_subscriptions 0",
+            "shardcast_bus_reconnects_total",
+            "shardcast_bus_published_total",
+            "shardcast_bus_received_total",
+            "shardcast_bus_dropped_own_total",
+            "shardcast_bus_dropped_disconnected_total",
+            "shardcast_bus_rejected_total",
+            "shardcast_bus_stall_detected_total",
+            "shardcast_bus_round_trip_seconds_bucket",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

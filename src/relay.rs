@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::auth::Auth;
+use crate::bus::{Bus, BusStats};
 use crate::config::{Config, MAX_SHARDS};
 use crate::frame::{self, Opcode};
 use crate::handshake::{RejectReason, Rejections};
@@ -78,12 +79,16 @@ pub(crate) struct Shared {
     pub(crate) rejections: Rejections,
     /// Messages accepted by `publish`, indexed by [`Source`]. Relaxed: counted once per
     /// publish, never per delivery, and read only by scrapes.
-    published: [AtomicU64; 3],
+    published: [AtomicU64; 4],
     /// Set when the drain starts: `/readyz` answers 503 and new upgrades are refused, while
     /// open clients keep receiving until their turn to be closed.
     pub(crate) draining: AtomicBool,
     /// Set once the drain is over; publishes are refused from then on.
     pub(crate) shutting_down: AtomicBool,
+    /// The bus to the other nodes (`--bus`); `None` for a standalone node. Publish hands it
+    /// every message that did not come from it, after local delivery; shards tell it when a
+    /// topic's interest entry appears or goes.
+    pub(crate) bus: Option<Arc<Bus>>,
 }
 
 /// A cheap, cloneable handle on a running relay: publish server-side and read counters.
@@ -117,6 +122,8 @@ pub struct Stats {
     pub published_http: u64,
     /// Messages accepted from embedders calling [`Relay::publish`].
     pub published_api: u64,
+    /// Messages from other nodes, received over the bus.
+    pub published_bus: u64,
     /// Topics with at least one subscriber.
     pub topics: usize,
     /// Bytes queued per client, sampled now.
@@ -133,6 +140,8 @@ pub struct Stats {
     pub disconnects: crate::DisconnectCounts,
     /// Refused requests, by reason.
     pub rejections: crate::RejectionCounts,
+    /// The bus's counters; `None` for a standalone node.
+    pub bus: Option<BusStats>,
 }
 
 impl Default for Stats {
@@ -145,6 +154,7 @@ impl Default for Stats {
             published_ws: 0,
             published_http: 0,
             published_api: 0,
+            published_bus: 0,
             topics: 0,
             send_queue: Histogram::new(QUEUE_BOUNDS),
             publish_fanout: Histogram::new(FANOUT_BOUNDS),
@@ -153,6 +163,7 @@ impl Default for Stats {
             deliveries: 0,
             disconnects: crate::DisconnectCounts::default(),
             rejections: crate::RejectionCounts::default(),
+            bus: None,
         }
     }
 }
@@ -163,6 +174,8 @@ pub(crate) enum Source {
     Ws = 0,
     Http = 1,
     Api = 2,
+    /// Another node, through the bus: delivered locally, never sent back to the bus.
+    Bus = 3,
 }
 
 /// A WebSocket connection's admission: its share of `--max-connections` and of
@@ -198,7 +211,12 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Relay {
-    pub(crate) fn new(config: Config, auth: Auth, shards: Vec<mpsc::Sender<ShardMsg>>) -> Self {
+    pub(crate) fn new(
+        config: Config,
+        auth: Auth,
+        shards: Vec<mpsc::Sender<ShardMsg>>,
+        bus: Option<Arc<Bus>>,
+    ) -> Self {
         let permits = Arc::new(Semaphore::new(
             config.max_connections.min(Semaphore::MAX_PERMITS),
         ));
@@ -216,6 +234,7 @@ impl Relay {
                 published: Default::default(),
                 draining: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
+                bus,
             }),
         }
     }
@@ -228,9 +247,9 @@ impl Relay {
     /// every source goes through: the frame is encoded once here and each shard that has a
     /// subscriber receives a refcounted clone of it.
     ///
-    /// Refuses a payload over `max_message_bytes`. Returns the number of shards the message was
-    /// queued to. Messages published by one task reach each subscriber in the order of the
-    /// calls.
+    /// Refuses a payload over `max_message_bytes`. Returns the number of local shards the
+    /// message was queued to. Messages published by one task reach each subscriber in the
+    /// order of the calls. With `--bus`, the message then goes to the other nodes too.
     pub async fn publish(
         &self,
         topic: &Topic,
@@ -240,8 +259,26 @@ impl Relay {
         self.publish_from(Source::Api, topic, opcode, payload).await
     }
 
-    /// [`Relay::publish`], counted under `source`.
+    /// [`Relay::publish`], counted under `source`: local delivery first, then, unless the
+    /// message came from the bus, the bus (awaiting while its queue is full).
     pub(crate) async fn publish_from(
+        &self,
+        source: Source,
+        topic: &Topic,
+        opcode: Opcode,
+        payload: &[u8],
+    ) -> Result<usize, Error> {
+        let queued = self.deliver(source, topic, opcode, payload).await?;
+        if source != Source::Bus
+            && let Some(bus) = &self.shared.bus
+        {
+            bus.send(topic, opcode, payload).await;
+        }
+        Ok(queued)
+    }
+
+    /// Delivers to this node's subscribers only.
+    async fn deliver(
         &self,
         source: Source,
         topic: &Topic,
@@ -325,7 +362,9 @@ impl Relay {
     }
 
     /// Places a new connection on a shard and subscribes it to `topics` before returning, so
-    /// every message published after the handshake response reaches it.
+    /// every message published after the handshake response reaches it. With a bus, that
+    /// includes messages published on other nodes: it also waits (at most a second) for the
+    /// node's broker subscriptions.
     pub(crate) async fn reserve(
         &self,
         topics: Box<[Topic]>,
@@ -335,6 +374,8 @@ impl Relay {
         if self.is_draining() {
             return Err(Error::ShuttingDown);
         }
+        // With a bus, the topics are needed again after the shard has them (see below).
+        let bus_topics = self.shared.bus.as_ref().map(|_| topics.clone());
         let shard =
             self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % self.shared.shards.len();
         let id = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
@@ -351,6 +392,13 @@ impl Relay {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         let key = rx.await.map_err(|_| Error::ShuttingDown)?;
+        if let (Some(bus), Some(topics)) = (&self.shared.bus, bus_topics) {
+            // Hold the 101 until the node is subscribed on the broker (a few ms for a topic
+            // new to this node), so messages published on other nodes after the handshake
+            // reach this client too. Bounded, and skipped while the broker is away.
+            bus.wait_subscribed(&topics, crate::bus::SUBSCRIBE_WAIT)
+                .await;
+        }
         Ok(Slot { shard, key, id })
     }
 
@@ -370,6 +418,8 @@ impl Relay {
             published_ws: published(Source::Ws),
             published_http: published(Source::Http),
             published_api: published(Source::Api),
+            published_bus: published(Source::Bus),
+            bus: self.shared.bus.as_ref().map(|b| b.stats()),
             topics: self.shared.interest.len(),
             ..Stats::default()
         };
@@ -406,9 +456,23 @@ impl Relay {
         total
     }
 
-    /// Number of topics with at least one subscriber anywhere.
+    /// Number of topics with at least one subscriber on this node.
     pub fn topics(&self) -> usize {
         self.shared.interest.len()
+    }
+
+    /// Whether this node is subscribed to `topic` on the bus (false without `--bus`). Once
+    /// it is, messages published to `topic` on other nodes reach this node's subscribers.
+    pub fn bus_subscribed(&self, topic: &Topic) -> bool {
+        self.shared
+            .bus
+            .as_ref()
+            .is_some_and(|b| b.is_subscribed(topic))
+    }
+
+    /// Whether this node has a working bus session (false without `--bus`).
+    pub fn bus_connected(&self) -> bool {
+        self.shared.bus.as_ref().is_some_and(|b| b.is_connected())
     }
 }
 

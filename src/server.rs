@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::Auth;
+use crate::bus::Bus;
 use crate::handshake::RejectReason;
 use crate::relay::Relay;
 use crate::shard::{INBOX, Shard, ShardMsg};
@@ -33,6 +34,8 @@ pub struct Server {
     shards: Vec<JoinHandle<()>>,
     tls: Option<TlsAcceptor>,
     metrics: Option<TcpListener>,
+    /// The bus task (`--bus`), stopped once the drain is over.
+    bus: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -48,7 +51,21 @@ impl Server {
         let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
         let (senders, inboxes): (Vec<_>, Vec<_>) =
             (0..config.shards).map(|_| mpsc::channel(INBOX)).unzip();
-        let relay = Relay::new(config, auth, senders);
+        let bus_config = config.bus.clone();
+        let (bus, bus_inboxes) = match &bus_config {
+            Some(_) => {
+                let (bus, inboxes) = Bus::new();
+                (Some(bus), Some(inboxes))
+            }
+            None => (None, None),
+        };
+        let relay = Relay::new(config, auth, senders, bus.clone());
+        let bus = match (bus, bus_inboxes, bus_config) {
+            (Some(bus), Some(inboxes), Some(c)) => {
+                Some(crate::bus::spawn(bus, inboxes, relay.clone(), c))
+            }
+            _ => None,
+        };
         let shards = inboxes
             .into_iter()
             .enumerate()
@@ -60,6 +77,7 @@ impl Server {
             shards,
             tls,
             metrics: None,
+            bus,
         })
     }
 
@@ -112,6 +130,7 @@ impl Server {
             shards,
             tls,
             metrics,
+            bus,
         } = self;
         let accept = futures_util::future::join(
             accept_loop(listener, relay.clone(), tls, Endpoint::Main),
@@ -174,6 +193,10 @@ impl Server {
             }
         }
         relay.shared.shutting_down.store(true, Ordering::Release);
+        if let Some(bus) = bus {
+            // Publishes are refused from here on, so the bus has nothing left to carry.
+            bus.abort();
+        }
         tracing::info!("drain finished");
         Ok(())
     }

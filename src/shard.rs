@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use dashmap::mapref::entry::Entry;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use indexmap::IndexSet;
@@ -26,7 +27,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::frame::{self, close_code};
 use crate::metrics::{FANOUT_BOUNDS, Histogram, QUEUE_BOUNDS};
-use crate::relay::Relay;
+use crate::relay::{Relay, ShardSet};
 use crate::socket::Socket;
 use crate::wheel::TimerWheel;
 use crate::{DisconnectCounts, DisconnectReason, Topic};
@@ -766,12 +767,21 @@ impl Shard {
     fn subscribe(&mut self, topic: &Topic, key: usize) {
         let subs = self.topics.entry(topic.clone()).or_default();
         if subs.is_empty() {
-            self.relay
-                .shared
-                .interest
-                .entry(topic.clone())
-                .or_default()
-                .insert(self.index);
+            let shared = &self.relay.shared;
+            let created = match shared.interest.entry(topic.clone()) {
+                Entry::Occupied(mut e) => {
+                    e.get_mut().insert(self.index);
+                    false
+                }
+                Entry::Vacant(e) => {
+                    e.insert(ShardSet::default()).insert(self.index);
+                    true
+                }
+            };
+            // One notice per entry created, never per message; the bus reconciles.
+            if created && let Some(bus) = &shared.bus {
+                bus.interest_changed(topic);
+            }
         }
         subs.insert(key);
     }
@@ -787,7 +797,10 @@ impl Shard {
             if let Some(mut set) = interest.get_mut(topic) {
                 set.remove(self.index);
             }
-            interest.remove_if(topic, |_, set| set.is_empty());
+            let removed = interest.remove_if(topic, |_, set| set.is_empty()).is_some();
+            if removed && let Some(bus) = &self.relay.shared.bus {
+                bus.interest_changed(topic);
+            }
         }
     }
 
@@ -925,7 +938,7 @@ impl FanoutFixture {
         };
         let auth = crate::auth::Auth::new(&config.auth).expect("the default auth is valid");
         let (tx, inbox) = mpsc::channel(INBOX);
-        let relay = Relay::new(config, auth, vec![tx]);
+        let relay = Relay::new(config, auth, vec![tx], None);
         let mut shard = Shard::new(0, relay.clone());
         let topic = Topic::new("bench").expect("a valid topic");
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);

@@ -47,6 +47,12 @@ fn bad_values_exit_with_code_2_and_name_the_flag() {
             &["--max-connections-per-ip", "0"],
             "--max-connections-per-ip",
         ),
+        (&["--bus", "redis://nowhere"], "--bus"),
+        (&["--bus", "kafka://127.0.0.1:9092"], "invalid bus URL"),
+        (
+            &["--bus", "nats://127.0.0.1:4222", "--bus-prefix", "a..b"],
+            "--bus-prefix",
+        ),
     ] {
         let out = shardcast().args(args).output().expect("run shardcast");
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -1,0 +1,198 @@
+//! The Redis and Redis Cluster bus sessions, on `fred`. One session is two connections (or
+//! two per cluster primary): a subscriber, which RESP2 puts in pub/sub mode, and a publisher
+//! that sends each batch as one pipeline. Standalone Redis uses `PUBLISH`/`SUBSCRIBE`; a
+//! cluster uses sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`, Redis 7+), so a message travels
+//! only within the shard that owns its channel's slot.
+//!
+//! fred's own reconnection is off: when a connection drops, the session ends and the bus task
+//! (`mod.rs`) builds a new one and resubscribes. Naming, envelopes and delivery live there.
+
+use bytes::Bytes;
+use fred::prelude::{
+    Builder, Client, ClientLike, Config, EventInterface, PubsubInterface, ServerConfig,
+};
+use fred::types::{ConnectHandle, Value};
+use std::collections::BTreeMap;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
+
+use super::{BusError, BusKind, BusUrl, COMMAND_TIMEOUT, Inbound};
+
+/// Pub/sub messages fred may hold for the reader before the oldest are lost (counted as
+/// rejected). The reader hands each straight to the shards, so this absorbs bursts only.
+/// fred's broadcast channels allocate every slot up front, so this is also fixed memory:
+/// measured, 8192 costs about 2 MiB of RSS where 65536 cost about 70 MiB.
+const MESSAGE_BUFFER: usize = 8192;
+/// The publisher receives no pub/sub messages; its event channels stay small.
+const PUBLISHER_EVENTS: usize = 32;
+
+pub(super) struct Session {
+    cluster: bool,
+    publisher: Client,
+    subscriber: Client,
+    /// The two connection tasks; either one ending means the session is lost.
+    tasks: [ConnectHandle; 2],
+    reader: JoinHandle<()>,
+}
+
+fn reason(e: fred::error::Error) -> String {
+    e.to_string()
+}
+
+impl Session {
+    pub(super) async fn connect(url: &BusUrl, inbound: Inbound) -> Result<Self, BusError> {
+        let fail = |reason: String| BusError::Connect {
+            url: url.redacted(),
+            reason,
+        };
+        let cluster = url.kind == BusKind::RedisCluster;
+        let config = if cluster {
+            Config {
+                server: ServerConfig::new_clustered(url.hosts.clone()),
+                ..Config::default()
+            }
+        } else {
+            Config::from_url_centralized(url.as_str()).map_err(|e| fail(reason(e)))?
+        };
+        // No reconnect policy: a lost connection ends the session (see the module doc).
+        let build = |events: usize| {
+            let mut builder = Builder::from_config(config.clone());
+            builder
+                .with_connection_config(|c| {
+                    c.connection_timeout = COMMAND_TIMEOUT;
+                    c.internal_command_timeout = COMMAND_TIMEOUT;
+                    c.max_command_attempts = 1;
+                })
+                .with_performance_config(|p| {
+                    p.default_command_timeout = COMMAND_TIMEOUT;
+                    p.broadcast_channel_capacity = events;
+                });
+            builder.build().map_err(|e| fail(reason(e)))
+        };
+        let publisher = build(PUBLISHER_EVENTS)?;
+        let subscriber = build(MESSAGE_BUFFER)?;
+        let mut messages = subscriber.message_rx();
+        let p = publisher.init().await.map_err(|e| fail(reason(e)))?;
+        let s = match subscriber.init().await {
+            Ok(s) => s,
+            Err(e) => {
+                p.abort();
+                return Err(fail(reason(e)));
+            }
+        };
+        let reader = tokio::spawn(async move {
+            loop {
+                match messages.recv().await {
+                    Ok(msg) => {
+                        let bytes: &[u8] = match &msg.value {
+                            Value::Bytes(b) => b,
+                            Value::String(s) => s.as_bytes(),
+                            _ => &[],
+                        };
+                        inbound.handle(&msg.channel, bytes).await;
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        inbound
+                            .bus
+                            .reject_n(n, &"messages lost: the reader fell behind");
+                    }
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        });
+        Ok(Self {
+            cluster,
+            publisher,
+            subscriber,
+            tasks: [p, s],
+            reader,
+        })
+    }
+
+    pub(super) async fn subscribe(&mut self, channels: Vec<String>) -> Result<(), String> {
+        if !self.cluster {
+            return self.subscriber.subscribe(channels).await.map_err(reason);
+        }
+        // SSUBSCRIBE takes channels of one slot per call: one call per slot, all in flight
+        // at once.
+        let calls = by_slot(channels)
+            .into_values()
+            .map(|group| self.subscriber.ssubscribe(group));
+        futures_util::future::try_join_all(calls)
+            .await
+            .map(drop)
+            .map_err(reason)
+    }
+
+    pub(super) async fn unsubscribe(&mut self, channels: Vec<String>) -> Result<(), String> {
+        if !self.cluster {
+            return self.subscriber.unsubscribe(channels).await.map_err(reason);
+        }
+        let calls = by_slot(channels)
+            .into_values()
+            .map(|group| self.subscriber.sunsubscribe(group));
+        futures_util::future::try_join_all(calls)
+            .await
+            .map(drop)
+            .map_err(reason)
+    }
+
+    /// Sends the batch as one pipeline (per cluster node), in order.
+    pub(super) async fn publish(&mut self, batch: Vec<(String, Bytes)>) -> Result<(), String> {
+        let pipe = self.publisher.pipeline();
+        for (channel, envelope) in batch {
+            let queued: Result<(), _> = if self.cluster {
+                pipe.spublish(channel, envelope).await
+            } else {
+                pipe.publish(channel, envelope).await
+            };
+            queued.map_err(reason)?;
+        }
+        let replies: Vec<Result<Value, _>> = pipe.try_all().await;
+        match replies.into_iter().find_map(Result::err) {
+            Some(e) => Err(reason(e)),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) async fn closed(&mut self) {
+        let [p, s] = &mut self.tasks;
+        tokio::select! {
+            _ = p => {}
+            _ = s => {}
+        }
+    }
+
+    pub(super) async fn close(self) {
+        self.reader.abort();
+        // QUIT politely, but never wait on a broker that is gone or stalled. Dropping `self`
+        // then ends the connection tasks.
+        let quit = async {
+            let _ = tokio::join!(self.publisher.quit(), self.subscriber.quit());
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), quit).await;
+    }
+}
+
+impl Drop for Session {
+    /// The connection tasks hold the clients; without this they would outlive the session
+    /// (and, when the bus task is aborted at shutdown, the server).
+    fn drop(&mut self) {
+        self.reader.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Channels grouped by cluster hash slot.
+fn by_slot(channels: Vec<String>) -> BTreeMap<u16, Vec<String>> {
+    let mut groups: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    for c in channels {
+        groups
+            .entry(fred::util::redis_keyslot(c.as_bytes()))
+            .or_default()
+            .push(c);
+    }
+    groups
+}
