@@ -325,9 +325,21 @@ impl Shard {
                         continue;
                     };
                     self.handle(msg);
-                    for _ in 1..BATCH {
+                    let mut handled = 1;
+                    // Drain what is waiting; once the inbox is empty, yield once so publishers
+                    // running beside us can add to this batch: each client is then written
+                    // once for several frames instead of once per frame.
+                    let mut yielded = false;
+                    while handled < BATCH {
                         match inbox.try_recv() {
-                            Ok(msg) => self.handle(msg),
+                            Ok(msg) => {
+                                self.handle(msg);
+                                handled += 1;
+                            }
+                            Err(_) if !yielded && !self.dirty.is_empty() => {
+                                yielded = true;
+                                tokio::task::yield_now().await;
+                            }
                             Err(_) => break,
                         }
                     }
