@@ -518,10 +518,8 @@ impl Shard {
             (d.total as f64 * done).ceil() as usize
         };
         let closed = d.total - d.pending.len();
-        let batch: Vec<(usize, u64)> = d
-            .pending
-            .drain(d.pending.len() - due.saturating_sub(closed).min(d.pending.len())..)
-            .collect();
+        let take = due.saturating_sub(closed).min(d.pending.len());
+        let batch = d.pending.split_off(d.pending.len() - take);
         let grace = d.deadline.saturating_duration_since(now);
         if d.pending.is_empty() {
             self.drain = None;

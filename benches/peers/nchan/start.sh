@@ -6,11 +6,9 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-port="${1:-${PORT:-}}"
-if ! [[ "$port" =~ ^[0-9]+$ ]]; then
-    echo "usage: $0 PORT" >&2
-    exit 2
-fi
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
+port_arg "$@"
 workers="${NCHAN_WORKERS:-auto}"
 nginx_bin="${NGINX:-/usr/sbin/nginx}"
 if [[ ! -x "$nginx_bin" || ! -e /usr/lib/nginx/modules/ngx_nchan_module.so ]]; then

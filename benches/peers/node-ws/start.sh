@@ -5,11 +5,9 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-port="${1:-${PORT:-}}"
-if ! [[ "$port" =~ ^[0-9]+$ ]]; then
-    echo "usage: $0 PORT" >&2
-    exit 2
-fi
+# shellcheck source=../lib.sh
+source "$here/../lib.sh"
+port_arg "$@"
 if [[ ! -d "$here/node_modules/ws" ]]; then
     echo "ws is not installed: run benches/peers/install.sh node-ws" >&2
     exit 1
