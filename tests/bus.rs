@@ -768,6 +768,60 @@ async fn nats_node_without_subscribers_receives_no_traffic() {
     interest_only(nats.url()).await;
 }
 
+/// `shardcast bench fanout` across three nodes: publishers on node A, subscribers spread over
+/// A, B and C. Every message reaches every subscriber once and in order, and the report
+/// splits the deliveries by node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn bench_fanout_across_three_nodes_loses_nothing() {
+    let redis = Redis::start();
+    let nodes = start_nodes(&redis.url(), 3).await;
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("ws://{}/ws/{{topic}}", n.addr))
+        .collect();
+    let mut args: Vec<String> = [
+        "fanout",
+        "--subscribers",
+        "30",
+        "--topics",
+        "2",
+        "--publishers",
+        "2",
+        "--messages",
+        "200",
+        "--rate",
+        "4000",
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for u in &urls {
+        args.extend(["--url".to_string(), u.clone()]);
+    }
+    let r = bench_report(args).await;
+    let f = r.fanout.as_ref().expect("fanout result");
+    assert_eq!(
+        (f.published, f.expected, f.lost, f.out_of_order, f.foreign),
+        (400, 30 * 200, 0, 0, 0),
+        "{f:?}"
+    );
+    assert_eq!(r.deliveries, 30 * 200);
+    let split: Vec<(u64, u64)> = r
+        .by_url
+        .iter()
+        .map(|u| (u.connected, u.measured_deliveries))
+        .collect();
+    assert_eq!(
+        split,
+        [(10, 2000), (10, 2000), (10, 2000)],
+        "{:?}",
+        r.by_url
+    );
+    stop_all(nodes).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // No broker at all (runs without any broker installed)
 

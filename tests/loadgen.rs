@@ -13,37 +13,32 @@ async fn bench(addr: std::net::SocketAddr, args: &[&str]) -> Report {
     let url = format!("ws://{addr}/ws/{{topic}}");
     let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     all.extend(["--url".into(), url, "--quiet".into()]);
-    let args = BenchArgs::parse_from(all).expect("valid bench arguments");
-    let report = common::within(
-        "the bench run",
-        tokio::task::spawn_blocking(move || run_bench(&args)),
-    )
-    .await;
-    report.expect("bench thread").expect("bench run")
+    common::bench_report(all).await
 }
+
+/// 20 subscribers on 2 topics, a publisher per topic sending 50 messages.
+const SMALL_FANOUT: [&str; 13] = [
+    "fanout",
+    "--subscribers",
+    "20",
+    "--topics",
+    "2",
+    "--publishers",
+    "2",
+    "--messages",
+    "50",
+    "--rate",
+    "2000",
+    "--seed",
+    "1",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_delivers_every_message_once_and_in_order() {
     let s = start(config()).await;
-    let r = bench(
-        s.addr,
-        &[
-            "fanout",
-            "--subscribers",
-            "20",
-            "--topics",
-            "2",
-            "--publishers",
-            "2",
-            "--messages",
-            "50",
-            "--rate",
-            "2000",
-            "--size",
-            "64",
-        ],
-    )
-    .await;
+    let mut args = SMALL_FANOUT.to_vec();
+    args.extend(["--size", "64"]);
+    let r = bench(s.addr, &args).await;
     let f = r.fanout.as_ref().expect("fanout result");
     assert_eq!(r.connections.connected, 22, "{r:?}");
     assert_eq!(f.published, 100);
@@ -55,6 +50,35 @@ async fn fanout_delivers_every_message_once_and_in_order() {
     assert_eq!(r.latency_us.as_ref().map(|l| l.count), Some(1000));
     assert!(r.disconnects.is_empty(), "{:?}", r.disconnects);
     assert!(r.deliveries_per_sec > 0.0);
+    s.stop().await;
+}
+
+/// Several `--url`s: each topic's subscribers go round robin over them, and the report
+/// splits connections, deliveries and latency by URL. The two URLs name one server here (the
+/// cross-node run, with a broker, is in `tests/bus.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_spreads_subscribers_over_several_urls() {
+    let s = start(config()).await;
+    let url = format!("ws://{}/ws/{{topic}}", s.addr);
+    let mut args = SMALL_FANOUT.to_vec();
+    args.extend(["--url", &url, "--url", &url, "--quiet"]);
+    let r = common::bench_report(args).await;
+    let f = r.fanout.as_ref().expect("fanout result");
+    assert_eq!((f.expected, f.lost, f.out_of_order), (1000, 0, 0), "{f:?}");
+    assert_eq!(r.urls, [url.clone(), url.clone()]);
+    let split: Vec<_> = r
+        .by_url
+        .iter()
+        .map(|u| {
+            (
+                u.connected,
+                u.measured_deliveries,
+                u.latency_us.as_ref().map(|l| l.count),
+            )
+        })
+        .collect();
+    // Ten subscribers per URL, five of each topic, 50 messages per topic.
+    assert_eq!(split, [(10, 500, Some(500)), (10, 500, Some(500))]);
     s.stop().await;
 }
 

@@ -65,8 +65,10 @@ impl Scenario {
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// WebSocket URL template for subscribers and clients; `{topic}` is replaced by the topic.
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws/{topic}")]
-    pub url: String,
+    /// Repeat it to spread the connections over several servers (say, the nodes of a cluster):
+    /// each topic's subscribers, and chat's clients, go round robin over the URLs.
+    #[arg(long = "url", default_value = "ws://127.0.0.1:8080/ws/{topic}")]
+    pub urls: Vec<String>,
     /// Extra request header for every handshake and POST, as 'Name: value' (repeatable).
     #[arg(long = "header", short = 'H')]
     pub headers: Vec<String>,
@@ -92,8 +94,9 @@ pub struct CommonArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
     /// Also report this server process's CPU time (and for `idle`, its RSS per connection).
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Repeat it for a server of several processes, or several servers: the figures are sums.
+    #[arg(long = "server-pid")]
+    pub server_pids: Vec<u32>,
     /// Write the result as JSON to this file, or to stdout with `-`.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -145,7 +148,7 @@ pub struct FanoutArgs {
     #[arg(long)]
     pub messages: Option<u64>,
     /// Where publishers send: a ws:// template (frames on publisher connections) or an
-    /// http:// template (one POST per message) [default: --url].
+    /// http:// template (one POST per message) [default: the first --url].
     #[arg(long)]
     pub publish_url: Option<String>,
     /// Content-Type of HTTP publishes.

@@ -54,7 +54,7 @@ pub struct Extra {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub scenario: &'static str,
-    pub url: String,
+    pub urls: Vec<String>,
     pub publish_url: Option<String>,
     pub workers: u32,
     pub settings: serde_json::Value,
@@ -68,6 +68,8 @@ pub struct Report {
     pub deliveries_per_sec: f64,
     /// Delivery latency (chat, fanout) or handshake latency (connect), microseconds.
     pub latency_us: Option<Latency>,
+    /// With several `--url`s, the connections, deliveries and latency of each, in order.
+    pub by_url: Vec<UrlResult>,
     pub fanout: Option<FanoutResult>,
     pub chat: Option<ChatResult>,
     pub idle: Option<IdleResult>,
@@ -77,6 +79,19 @@ pub struct Report {
     pub generator_cpu: GeneratorCpu,
     pub server: Option<ServerCpu>,
     pub wall_s: f64,
+}
+
+/// One subscriber URL's part of the result.
+#[derive(Debug, Clone, Serialize)]
+pub struct UrlResult {
+    pub url: String,
+    /// Connections opened to it (fanout: subscribers; publishers are not counted).
+    pub connected: u64,
+    /// Deliveries its connections received in the measured window.
+    pub measured_deliveries: u64,
+    /// Fanout: `measured_deliveries` over the window.
+    pub deliveries_per_sec: Option<f64>,
+    pub latency_us: Option<Latency>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -181,7 +196,8 @@ pub struct GeneratorCpu {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerCpu {
-    pub pid: u32,
+    /// The `--server-pid`s; the figures are their sums.
+    pub pids: Vec<u32>,
     /// Server CPU seconds (user + system) from the start to the end of the window.
     pub cpu_s: f64,
     pub wall_s: f64,
@@ -395,11 +411,12 @@ pub fn build(
             fmt_map(&failed)
         )));
     }
+    let by_url = by_url(plan, &results, window_s)?;
     let server = extra.server.as_ref().and_then(|(_, start, end)| {
         let cpu = end.cpu?.saturating_sub(start.cpu?).as_secs_f64();
         let wall_s = end.at.duration_since(start.at).as_secs_f64();
         Some(ServerCpu {
-            pid: common.server_pid?,
+            pids: common.server_pids.clone(),
             cpu_s: cpu,
             wall_s,
             share: if wall_s > 0.0 { cpu / wall_s } else { 0.0 },
@@ -418,7 +435,8 @@ pub fn build(
             Job::Idle(_) => "idle",
             Job::Connect(_) => "connect",
         },
-        url: plan.url.clone(),
+        urls: plan.urls.clone(),
+        by_url,
         publish_url: match &plan.job {
             Job::Fanout(j) => Some(j.publish_url.clone()),
             _ => None,
@@ -453,6 +471,34 @@ pub fn build(
         server,
         wall_s: wall.as_secs_f64(),
     })
+}
+
+/// Merges the workers' per-URL parts (there are none with a single URL).
+fn by_url(plan: &Plan, results: &[WorkerResult], window_s: f64) -> Result<Vec<UrlResult>, Error> {
+    if plan.urls.len() < 2 {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::with_capacity(plan.urls.len());
+    for (i, url) in plan.urls.iter().enumerate() {
+        let (mut connected, mut deliveries) = (0, 0);
+        let mut latency = super::scenario::histogram();
+        for part in results.iter().filter_map(|r| r.by_server.get(i)) {
+            connected += part.connected;
+            deliveries += part.window_deliveries;
+            latency
+                .add(decode_histogram(&part.latency)?)
+                .map_err(|e| Error::Protocol(format!("merging histograms: {e:?}")))?;
+        }
+        out.push(UrlResult {
+            url: url.clone(),
+            connected,
+            measured_deliveries: deliveries,
+            deliveries_per_sec: (matches!(plan.job, Job::Fanout(_)) && window_s > 0.0)
+                .then(|| deliveries as f64 / window_s),
+            latency_us: Latency::of(&latency),
+        });
+    }
+    Ok(out)
 }
 
 /// Writes the report: JSON to `--json` (a file, or stdout for `-`), and the human summary to
@@ -505,7 +551,7 @@ impl Report {
         line(format!(
             "{} against {} ({} worker{}, {:.1}s wall, {:.2}s measured)",
             self.scenario,
-            self.url,
+            self.urls.join(" "),
             self.workers,
             if self.workers == 1 { "" } else { "s" },
             self.wall_s,
@@ -620,6 +666,24 @@ impl Report {
             line(format!(
                 "  latency µs    p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}  (mean {:.0}, n={})",
                 l.p50, l.p90, l.p99, l.p99_9, l.max, l.mean, l.count
+            ));
+        }
+        for u in &self.by_url {
+            line(format!(
+                "  {}: {} connections, {}{}",
+                u.url,
+                u.connected,
+                match u.deliveries_per_sec {
+                    Some(r) => format!("{} deliveries/s", si(r)),
+                    None => format!("{} deliveries", u.measured_deliveries),
+                },
+                u.latency_us
+                    .as_ref()
+                    .map(|l| format!(
+                        ", latency µs p50 {:.0}  p99 {:.0}  max {:.0}",
+                        l.p50, l.p99, l.max
+                    ))
+                    .unwrap_or_default()
             ));
         }
         if !self.disconnects.is_empty() {

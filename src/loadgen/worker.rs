@@ -29,7 +29,8 @@ const CONNS_PER_WORKER: u64 = 15_000;
 /// Everything a worker needs to run its share; sent to worker processes as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
-    pub url: String,
+    /// Subscriber URL templates, at least one; connections go round robin over them.
+    pub urls: Vec<String>,
     pub headers: Vec<String>,
     pub duration: Duration,
     pub warmup: Duration,
@@ -159,6 +160,17 @@ pub struct WorkerResult {
     pub drain_timed_out: bool,
     pub cpu_total_s: f64,
     pub cpu_window_s: f64,
+    /// Per subscriber URL, in `--url` order; empty with a single URL.
+    pub by_server: Vec<ServerPart>,
+}
+
+/// One subscriber URL's share of a worker's result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerPart {
+    pub connected: u64,
+    pub window_deliveries: u64,
+    /// The latency histogram (ns), encoded as [`WorkerResult::latency`] is.
+    pub latency: String,
 }
 
 impl Plan {
@@ -166,9 +178,13 @@ impl Plan {
     pub fn from_args(args: &BenchArgs) -> Result<Plan, Error> {
         let bad = |m: String| Err(Error::BadArgs(m));
         let common: &CommonArgs = args.scenario.common();
-        Template::new(&common.url)?;
-        if Template::new(&common.url)?.url("t")?.scheme != Scheme::Ws {
-            return bad(format!("--url {}: must be a ws:// URL", common.url));
+        if common.urls.is_empty() {
+            return bad("--url: at least one is needed".into());
+        }
+        for url in &common.urls {
+            if Template::new(url)?.url("t")?.scheme != Scheme::Ws {
+                return bad(format!("--url {url}: must be a ws:// URL"));
+            }
         }
         parse_headers(&common.headers)?;
         if common.topic_prefix.is_empty() {
@@ -185,7 +201,7 @@ impl Plan {
             None => conns.div_ceil(CONNS_PER_WORKER).clamp(1, 64) as u32,
         };
         Ok(Plan {
-            url: common.url.clone(),
+            urls: common.urls.clone(),
             headers: common.headers.clone(),
             duration: common.duration,
             warmup: common.warmup,
@@ -213,7 +229,8 @@ fn fanout_job(a: &FanoutArgs) -> Result<(Job, u64), Error> {
     let publish_url = a
         .publish_url
         .clone()
-        .unwrap_or_else(|| a.common.url.clone());
+        .or_else(|| a.common.urls.first().cloned())
+        .ok_or_else(|| Error::BadArgs("--url: at least one is needed".into()))?;
     let publish = Template::new(&publish_url)?.url("t")?;
     let publish_http = publish.scheme == Scheme::Http;
     if a.messages == Some(0) {
@@ -577,7 +594,8 @@ pub fn run_bench(args: &BenchArgs) -> Result<Report, Error> {
 
 async fn orchestrate(plan: Plan, scenario: Scenario, common: CommonArgs) -> Result<Report, Error> {
     let wall = Instant::now();
-    let pid = common.server_pid;
+    let pids = &common.server_pids;
+    let pid = (!pids.is_empty()).then_some(pids.as_slice());
     let server_before = pid.map(ServerSample::take);
     let cpu_before = sys::self_cpu();
     let bar = report::Bar::new(&plan, common.quiet);
@@ -654,7 +672,8 @@ impl Window {
     }
 }
 
-/// A server process's CPU, RSS and the kernel's TCP memory at one instant.
+/// The server processes' CPU and RSS (sums over the pids; `None` if one could not be read) and
+/// the kernel's TCP memory at one instant.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerSample {
     pub at: Instant,
@@ -665,11 +684,14 @@ pub struct ServerSample {
 }
 
 impl ServerSample {
-    fn take(pid: u32) -> ServerSample {
+    fn take(pids: &[u32]) -> ServerSample {
         ServerSample {
             at: Instant::now(),
-            cpu: sys::process_cpu(pid).map(|(u, s)| u + s),
-            rss: sys::process_rss(pid),
+            cpu: pids
+                .iter()
+                .map(|&p| sys::process_cpu(p).map(|(u, s)| u + s))
+                .sum(),
+            rss: pids.iter().map(|&p| sys::process_rss(p)).sum(),
             tcp_mem: sys::tcp_socket_memory(),
             slab: sys::kernel_slab(),
         }

@@ -167,6 +167,22 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     }
 }
 
+/// Runs `shardcast bench` with `args` (scenario first) off the test's runtime, bounded by
+/// [`WAIT`]; fails the test if the arguments are bad or the run fails.
+pub async fn bench_report<S: Into<String>>(
+    args: impl IntoIterator<Item = S>,
+) -> shardcast::loadgen::Report {
+    let args: Vec<String> = args.into_iter().map(Into::into).collect();
+    let args = shardcast::loadgen::BenchArgs::parse_from(args).expect("valid bench arguments");
+    within(
+        "the bench run",
+        tokio::task::spawn_blocking(move || shardcast::loadgen::run_bench(&args)),
+    )
+    .await
+    .expect("bench thread")
+    .expect("bench run")
+}
+
 /// Reads until the server ends the connection, by end-of-file or a reset, and returns the
 /// bytes that came first. Bounded by [`WAIT`].
 pub async fn read_until_closed(s: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {

@@ -30,11 +30,10 @@ struct Room {
 }
 
 pub async fn run(ctx: &Rc<Ctx>, job: &ChatJob, link: &mut Link) -> Result<WorkerResult, Error> {
-    let target = ctx.target(0)?;
-    let conns: Vec<(u64, String)> = ctx
+    let conns: Vec<_> = ctx
         .share(job.clients)
-        .map(|i| (i, target.clone()))
-        .collect();
+        .map(|i| ctx.dial(i, 1))
+        .collect::<Result<_, Error>>()?;
     let (round_tx, round_rx) = watch::channel(0u64);
     let mut room = Room {
         per_round: if job.echo {
@@ -47,7 +46,7 @@ pub async fn run(ctx: &Rc<Ctx>, job: &ChatJob, link: &mut Link) -> Result<Worker
         errors: Cell::new(0),
     };
     let mut opened = Vec::new();
-    super::open_all(ctx, conns, 16 * 1024, |conn, _| opened.push(conn)).await;
+    super::open_all(ctx, conns, 16 * 1024, |conn| opened.push(conn)).await;
     for _ in &opened {
         room.clients.push(Rc::new(Client { done: Cell::new(0) }));
     }
@@ -112,6 +111,7 @@ async fn client(
         mut reader,
         mut rng,
         index,
+        server,
     } = conn;
     let (mut rd, mut wr) = stream.into_split();
     let (control_tx, mut control) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -151,7 +151,7 @@ async fn client(
             room.errors.set(room.errors.get() + 1);
             return;
         };
-        shared.delivered(stamp.sent_ns, now);
+        shared.delivered(server, stamp.sent_ns, now);
         let done = me.done.get();
         if stamp.seq == done + 1 {
             count += 1;

@@ -11,7 +11,6 @@ use crate::loadgen::payload::now_ns;
 use crate::loadgen::worker::{ConnectJob, FromWorker, ToWorker, WorkerResult};
 
 pub async fn run(ctx: &Rc<Ctx>, job: &ConnectJob, link: &mut Link) -> Result<WorkerResult, Error> {
-    let target = Rc::new(ctx.target(0)?);
     super::ready(ctx, link, job.connections.is_none());
     let t0 = super::wait_start(ctx, link, job.connections.is_none()).await?;
     let end_ns = match job.connections {
@@ -26,7 +25,7 @@ pub async fn run(ctx: &Rc<Ctx>, job: &ConnectJob, link: &mut Link) -> Result<Wor
     let workers = u64::from(ctx.plan.workers);
     let mut loops = Vec::new();
     for _ in 0..job.concurrency {
-        let (ctx, target, started) = (ctx.clone(), target.clone(), started.clone());
+        let (ctx, started) = (ctx.clone(), started.clone());
         loops.push(tokio::task::spawn_local(async move {
             loop {
                 let k = started.get();
@@ -36,11 +35,17 @@ pub async fn run(ctx: &Rc<Ctx>, job: &ConnectJob, link: &mut Link) -> Result<Wor
                 started.set(k + 1);
                 // Distinct across workers, so source addresses rotate over the whole run.
                 let index = k * workers + u64::from(ctx.index);
+                let Ok(dial) = ctx.dial(index, 1) else {
+                    return;
+                };
+                let ep = &ctx.servers[dial.server].endpoint;
                 let begin = now_ns();
-                if let Some(conn) = super::open(&ctx, &ctx.endpoint, index, &target, 256).await {
+                if let Some(conn) =
+                    super::open(&ctx, ep, dial.server, index, &dial.target, 256).await
+                {
                     let end = now_ns();
                     ctx.shared.handshakes.set(ctx.shared.handshakes.get() + 1);
-                    ctx.shared.measure(begin, end);
+                    ctx.shared.measure(dial.server, begin, end);
                     ctx.shared.open.set(ctx.shared.open.get().saturating_sub(1));
                     drop(conn);
                 }

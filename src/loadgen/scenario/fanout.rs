@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::{ChannelWriter, Conn, Ctx, Endpoint, Link, Shared, read_loop, until};
+use super::{ChannelWriter, Conn, Ctx, Dial, Endpoint, Link, Shared, read_loop, until};
 use crate::loadgen::Error;
 use crate::loadgen::client::{self, OP_BINARY};
 use crate::loadgen::payload::{STAMP_LEN, Stamp, now_ns};
@@ -39,12 +39,12 @@ fn publishers_on(t: u64, topics: u64, publishers: u64) -> u64 {
 
 pub async fn run(ctx: &Rc<Ctx>, job: &FanoutJob, link: &mut Link) -> Result<WorkerResult, Error> {
     let topics = job.topics;
-    let subs: Vec<(u64, String)> = ctx
+    let subs: Vec<Dial> = ctx
         .share(job.subscribers)
-        .map(|i| Ok((i, ctx.target(i % topics)?)))
+        .map(|i| ctx.dial(i, topics))
         .collect::<Result<_, Error>>()?;
     let mut tallies: Vec<Rc<Sub>> = Vec::with_capacity(subs.len());
-    super::open_all(ctx, subs, SUB_READ_BUF, |conn, _| {
+    super::open_all(ctx, subs, SUB_READ_BUF, |conn| {
         let sub = Rc::new(Sub {
             topic: conn.index % topics,
             received: Cell::new(0),
@@ -78,7 +78,7 @@ pub async fn run(ctx: &Rc<Ctx>, job: &FanoutJob, link: &mut Link) -> Result<Work
                 &headers,
             )))
         } else {
-            match super::open(ctx, &endpoint, index, &url.target, 4096).await {
+            match super::open(ctx, &endpoint, 0, index, &url.target, 4096).await {
                 Some(conn) => {
                     // Without this the kernel buffers megabytes ahead of a server that reads
                     // slower than the publisher writes, and stamps age before it reads them.
@@ -188,6 +188,7 @@ async fn subscriber(ctx: Rc<Ctx>, conn: Conn, sub: Rc<Sub>, publishers: u64, top
         mut stream,
         mut reader,
         mut rng,
+        server,
         ..
     } = conn;
     let mut next = vec![0u64; publishers_on(sub.topic, topics, publishers) as usize];
@@ -214,7 +215,7 @@ async fn subscriber(ctx: Rc<Ctx>, conn: Conn, sub: Rc<Sub>, publishers: u64, top
             sub.out_of_order.set(sub.out_of_order.get() + 1);
         }
         sub.received.set(sub.received.get() + 1);
-        shared.delivered(stamp.sent_ns, now);
+        shared.delivered(server, stamp.sent_ns, now);
     })
     .await;
     sub.ended.set(true);

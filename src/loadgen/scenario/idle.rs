@@ -15,11 +15,11 @@ pub async fn run(ctx: &Rc<Ctx>, link: &mut Link) -> Result<WorkerResult, Error> 
     let Job::Idle(job) = &ctx.plan.job else {
         return Err(Error::BadArgs("idle run without an idle plan".into()));
     };
-    let conns: Vec<(u64, String)> = ctx
+    let conns: Vec<_> = ctx
         .share(job.connections)
-        .map(|i| Ok((i, ctx.target(i % job.topics)?)))
+        .map(|i| ctx.dial(i, job.topics))
         .collect::<Result<_, Error>>()?;
-    super::open_all(ctx, conns, IDLE_READ_BUF, |conn, _| {
+    super::open_all(ctx, conns, IDLE_READ_BUF, |conn| {
         tokio::task::spawn_local(hold(ctx.clone(), conn));
     })
     .await;

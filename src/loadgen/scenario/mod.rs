@@ -26,7 +26,7 @@ use super::Error;
 use super::client::{self, Dialer, Frame, FrameReader, Request, Rng};
 use super::payload::{STAMP_LEN, Stamp, now_ns};
 use super::url::{Template, Url, parse_headers};
-use super::worker::{FromWorker, Job, Plan, Progress, ToWorker, WorkerResult};
+use super::worker::{FromWorker, Job, Plan, Progress, ServerPart, ToWorker, WorkerResult};
 
 /// The worker's end of the parent/worker channel.
 pub struct Link {
@@ -55,6 +55,13 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
 }
 
+/// One server's share of a worker's results, kept when there is more than one `--url`.
+pub struct ServerTally {
+    pub connected: Cell<u64>,
+    pub window_deliveries: Cell<u64>,
+    pub latency: RefCell<Histogram<u64>>,
+}
+
 /// Counters and results shared by every connection task of one worker.
 pub struct Shared {
     pub connected: Cell<u64>,
@@ -77,10 +84,13 @@ pub struct Shared {
     pub publish_errors: RefCell<BTreeMap<String, u64>>,
     pub cpu_at_measure: Cell<Option<Duration>>,
     pub cpu_at_end: Cell<Option<Duration>>,
+    /// Per subscriber URL, in `--url` order; empty with a single URL, where it would only
+    /// repeat the totals (and record every latency twice).
+    pub by_server: Vec<ServerTally>,
 }
 
 impl Shared {
-    fn new() -> Shared {
+    fn new(servers: usize) -> Shared {
         Shared {
             connected: Cell::new(0),
             open: Cell::new(0),
@@ -99,6 +109,17 @@ impl Shared {
             publish_errors: RefCell::new(BTreeMap::new()),
             cpu_at_measure: Cell::new(None),
             cpu_at_end: Cell::new(None),
+            by_server: if servers > 1 {
+                (0..servers)
+                    .map(|_| ServerTally {
+                        connected: Cell::new(0),
+                        window_deliveries: Cell::new(0),
+                        latency: RefCell::new(histogram()),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -112,24 +133,31 @@ impl Shared {
         self.cpu_at_end.set(Some(u + s));
     }
 
-    /// Records one delivery stamped `sent_ns` and received at `now`: throughput counts what
-    /// is received in the window, latency what was sent in it.
-    pub fn delivered(&self, sent_ns: u64, now: u64) {
+    /// Records one delivery stamped `sent_ns` and received at `now` by a connection to
+    /// server `server` (its `--url` index): throughput counts what is received in the window,
+    /// latency what was sent in it.
+    pub fn delivered(&self, server: usize, sent_ns: u64, now: u64) {
         self.deliveries.set(self.deliveries.get() + 1);
         if now >= self.measure_from_ns.get() && now < self.window_to_ns.get() {
             self.window_deliveries.set(self.window_deliveries.get() + 1);
             self.last_window_recv_ns.set(now);
+            if let Some(t) = self.by_server.get(server) {
+                t.window_deliveries.set(t.window_deliveries.get() + 1);
+            }
         }
-        self.measure(sent_ns, now);
+        self.measure(server, sent_ns, now);
     }
 
-    /// Counts an event that started at `sent_ns` and ended at `now`, if it is measured.
-    pub fn measure(&self, sent_ns: u64, now: u64) {
+    /// Counts an event on server `server` that started at `sent_ns` and ended at `now`, if it
+    /// is measured.
+    pub fn measure(&self, server: usize, sent_ns: u64, now: u64) {
         if sent_ns >= self.measure_from_ns.get() {
+            let v = now.saturating_sub(sent_ns).max(1);
             self.measured.set(self.measured.get() + 1);
-            self.latency
-                .borrow_mut()
-                .saturating_record(now.saturating_sub(sent_ns).max(1));
+            self.latency.borrow_mut().saturating_record(v);
+            if let Some(t) = self.by_server.get(server) {
+                t.latency.borrow_mut().saturating_record(v);
+            }
         }
     }
 
@@ -172,6 +200,15 @@ impl Shared {
             publish_errors: self.publish_errors.borrow().clone(),
             cpu_total_s: cpu_total.as_secs_f64(),
             cpu_window_s: cpu_window.as_secs_f64(),
+            by_server: self
+                .by_server
+                .iter()
+                .map(|t| ServerPart {
+                    connected: t.connected.get(),
+                    window_deliveries: t.window_deliveries.get(),
+                    latency: super::report::encode_histogram(&t.latency.borrow()),
+                })
+                .collect(),
             ..WorkerResult::default()
         }
     }
@@ -196,13 +233,25 @@ impl Endpoint {
     }
 }
 
+/// One subscriber URL template and the server it names.
+pub struct Server {
+    pub endpoint: Endpoint,
+    pub template: Template,
+}
+
+/// A connection to open: its index, its server (index into [`Ctx::servers`]) and target.
+pub struct Dial {
+    pub index: u64,
+    pub server: usize,
+    pub target: String,
+}
+
 /// Everything a worker's tasks need, shared by reference count.
 pub struct Ctx {
     pub plan: Plan,
     pub index: u32,
-    /// The subscriber template's server.
-    pub endpoint: Endpoint,
-    pub template: Template,
+    /// The subscriber templates' servers, in `--url` order; never empty.
+    pub servers: Vec<Server>,
     pub headers: Vec<(String, String)>,
     pub shared: Shared,
 }
@@ -212,9 +261,18 @@ impl Ctx {
         format!("{}{t}", self.plan.topic_prefix)
     }
 
-    /// The request target for topic `t` on the subscriber template.
-    pub fn target(&self, t: u64) -> Result<String, Error> {
-        Ok(self.template.url(&self.topic(t))?.target)
+    /// Connection `index` on topic `index % topics`, on the next server for that topic: each
+    /// topic's connections go round robin over the servers.
+    pub fn dial(&self, index: u64, topics: u64) -> Result<Dial, Error> {
+        let server = ((index / topics.max(1)) % self.servers.len() as u64) as usize;
+        Ok(Dial {
+            index,
+            server,
+            target: self.servers[server]
+                .template
+                .url(&self.topic(index % topics.max(1)))?
+                .target,
+        })
     }
 
     /// A generator for connection `index`, distinct per connection and per seed.
@@ -360,15 +418,19 @@ impl AsyncWrite for ChannelWriter {
 /// An open WebSocket: its socket, the reader holding any early frames, its generator.
 pub struct Conn {
     pub index: u64,
+    /// Which `--url` it was opened on (0 for a publisher's own URL).
+    pub server: usize,
     pub stream: TcpStream,
     pub reader: FrameReader,
     pub rng: Rng,
 }
 
 /// Opens connection `index` to `target` on `ep`, counting the failure by reason if it fails.
+/// `server` is the `--url` index the connection counts toward.
 pub async fn open(
     ctx: &Ctx,
     ep: &Endpoint,
+    server: usize,
     index: u64,
     target: &str,
     read_buf: usize,
@@ -395,6 +457,7 @@ pub async fn open(
             ctx.shared.open.set(ctx.shared.open.get() + 1);
             Some(Conn {
                 index,
+                server,
                 stream,
                 reader,
                 rng,
@@ -418,27 +481,31 @@ pub fn failure_label(e: &Error) -> String {
     }
 }
 
-/// Opens every connection `(index, target)` with at most `connect_concurrency` in flight, and
-/// hands each to `start` as soon as it is open.
+/// Opens every connection with at most `connect_concurrency` in flight, and hands each to
+/// `start` as soon as it is open.
 pub async fn open_all(
     ctx: &Rc<Ctx>,
-    conns: Vec<(u64, String)>,
+    conns: Vec<Dial>,
     read_buf: usize,
-    mut start: impl FnMut(Conn, &str),
+    mut start: impl FnMut(Conn),
 ) {
     let limit = ctx.plan.connect_concurrency as usize;
     let mut opening = futures_util::stream::iter(conns)
-        .map(|(index, target)| {
+        .map(|d| {
             let ctx = ctx.clone();
             async move {
-                let conn = open(&ctx, &ctx.endpoint, index, &target, read_buf).await;
-                (conn, target)
+                // `Ctx::dial` takes the server index modulo the number of servers.
+                let ep = &ctx.servers[d.server].endpoint;
+                open(&ctx, ep, d.server, d.index, &d.target, read_buf).await
             }
         })
         .buffer_unordered(limit);
-    while let Some((conn, target)) = opening.next().await {
+    while let Some(conn) = opening.next().await {
         if let Some(conn) = conn {
-            start(conn, &target);
+            if let Some(t) = ctx.shared.by_server.get(conn.server) {
+                t.connected.set(t.connected.get() + 1);
+            }
+            start(conn);
         }
     }
 }
@@ -480,15 +547,21 @@ pub fn until(at_ns: u64) -> Duration {
 
 /// Runs one worker: builds its context, runs the scenario, returns its result.
 pub async fn run(plan: Plan, index: u32, mut link: Link) -> Result<WorkerResult, Error> {
-    let template = Template::new(&plan.url)?;
-    let endpoint = Endpoint::resolve(&template.url("t")?, plan.conns_per_addr).await?;
+    let mut servers = Vec::with_capacity(plan.urls.len());
+    for url in &plan.urls {
+        let template = Template::new(url)?;
+        let endpoint = Endpoint::resolve(&template.url("t")?, plan.conns_per_addr).await?;
+        servers.push(Server { endpoint, template });
+    }
+    if servers.is_empty() {
+        return Err(Error::BadArgs("--url: at least one is needed".into()));
+    }
     let headers = parse_headers(&plan.headers)?;
     let ctx = Rc::new(Ctx {
-        endpoint,
-        template,
+        shared: Shared::new(servers.len()),
+        servers,
         headers,
         index,
-        shared: Shared::new(),
         plan,
     });
     let progress = spawn_progress(&ctx, link.tx.clone());
