@@ -1,10 +1,12 @@
 //! In-process engine micro-benchmarks, no sockets: a shard's fan-out of one publish to K
-//! subscribers' queues (K = 1k, 10k, 100k), and the timer wheel inserting, touching and
+//! subscribers' queues (K = 1k, 10k, 100k), two shards doing it at once on two threads, and
+//! the timer wheel inserting, touching and
 //! expiring 100k deadlines.
 //!
 //! Run with `cargo bench --bench engine`.
 
 use std::hint::black_box;
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -40,6 +42,62 @@ fn fanout(c: &mut Criterion) {
         black_box(fixture.deliveries());
     }
     group.finish();
+}
+
+/// Two shards on two threads fan the same frame out at once, `k` subscribers each, as every
+/// shard does for a publish. `shared`: every queue holds a clone of the one frame, so both
+/// threads count on one reference count. `own`: each shard first takes its own handle on the
+/// frame (what the shard does). Time per publish is the slower thread's.
+fn fanout_two_shards(c: &mut Criterion) {
+    let mut group = c.benchmark_group("shard_fanout_two_shards");
+    let k = 5_000;
+    let mut fixtures = [
+        FanoutFixture::new(k, PAYLOAD, BURST),
+        FanoutFixture::new(k, PAYLOAD, BURST),
+    ];
+    let frame = fixtures[0].frame();
+    group.throughput(Throughput::Elements(2 * k as u64));
+    for (name, own) in [("shared", false), ("own", true)] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let barrier = Barrier::new(2);
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = fixtures
+                        .iter_mut()
+                        .map(|fixture| {
+                            let (barrier, frame) = (&barrier, &frame);
+                            scope.spawn(move || {
+                                let mut timed = Duration::ZERO;
+                                let mut left = iters;
+                                while left > 0 {
+                                    let burst = left.min(BURST as u64);
+                                    barrier.wait();
+                                    let start = Instant::now();
+                                    for _ in 0..burst {
+                                        fixture.publish_frame(frame, own);
+                                    }
+                                    timed += start.elapsed();
+                                    fixture.drain();
+                                    left -= burst;
+                                }
+                                timed
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        // A panic in a publishing thread is a bug worth the bench's failure.
+                        .map(|h| h.join().expect("publishing thread"))
+                        .max()
+                        .unwrap_or_default()
+                })
+            });
+        });
+    }
+    group.finish();
+    for f in &fixtures {
+        black_box(f.deliveries());
+    }
 }
 
 fn wheel(c: &mut Criterion) {
@@ -91,5 +149,5 @@ fn wheel(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fanout, wheel);
+criterion_group!(benches, fanout, fanout_two_shards, wheel);
 criterion_main!(benches);

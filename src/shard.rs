@@ -196,14 +196,20 @@ impl Client {
         let Some(stream) = self.stream.as_ref() else {
             return Ok(Flush::Blocked);
         };
-        while !self.queue.is_empty() {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            for (slot, frame) in iov.iter_mut().zip(self.queue.iter()) {
-                *slot = IoSlice::new(frame);
-                n += 1;
-            }
-            let mut written = match stream.try_write_vectored(&iov[..n]) {
+        while let Some(front) = self.queue.front() {
+            let result = if self.queue.len() == 1 {
+                // The common case at a steady rate: one frame, a plain `write`.
+                stream.try_write(front)
+            } else {
+                let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                let mut n = 0;
+                for (slot, frame) in iov.iter_mut().zip(self.queue.iter()) {
+                    *slot = IoSlice::new(frame);
+                    n += 1;
+                }
+                stream.try_write_vectored(&iov[..n])
+            };
+            let mut written = match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(w) => w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
@@ -372,7 +378,7 @@ impl Shard {
     fn handle(&mut self, msg: ShardMsg) {
         match msg {
             ShardMsg::Publish { topic, frame, at } => {
-                self.fan_out(&topic, &frame);
+                self.fan_out(&topic, &shard_handle(frame));
                 self.publish_fanout.observe(at.elapsed().as_secs_f64());
             }
             ShardMsg::Reserve {
@@ -922,6 +928,14 @@ fn closing_reason(c: &Client) -> DisconnectReason {
     }
 }
 
+/// A handle on `frame` whose reference count belongs to this shard alone: every other shard
+/// clones and drops the same frame at the same moment, and one shared count would bounce its
+/// cache line between their cores once per subscriber (`benches/engine.rs`,
+/// `shard_fanout_two_shards`). The payload is not copied: the new handle owns the old one.
+fn shard_handle(frame: Bytes) -> Bytes {
+    Bytes::from_owner(frame)
+}
+
 /// One shard with `k` subscribers of one topic and no sockets, for measuring the in-process
 /// cost of fan-out (`benches/engine.rs`). Not part of the API.
 #[doc(hidden)]
@@ -976,7 +990,24 @@ impl FanoutFixture {
 
     /// Pushes one frame onto every subscriber's queue: what a shard does per publish.
     pub fn publish(&mut self) {
-        self.shard.fan_out(&self.topic, &self.frame);
+        self.shard
+            .fan_out(&self.topic, &shard_handle(self.frame.clone()));
+    }
+
+    /// As [`FanoutFixture::publish`], with `frame` (shared with other threads).
+    /// `own_handle: false` skips the shard's own handle, as the shard did before it had one.
+    pub fn publish_frame(&mut self, frame: &Bytes, own_handle: bool) {
+        if own_handle {
+            self.shard
+                .fan_out(&self.topic, &shard_handle(frame.clone()));
+        } else {
+            self.shard.fan_out(&self.topic, frame);
+        }
+    }
+
+    /// The frame [`FanoutFixture::publish`] sends.
+    pub fn frame(&self) -> Bytes {
+        self.frame.clone()
     }
 
     /// Empties every queue, as writing them to sockets would.

@@ -30,6 +30,13 @@ impl Socket {
         }
     }
 
+    pub(crate) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.try_write(buf),
+            Self::Local(s) => s.try_write(buf),
+        }
+    }
+
     pub(crate) fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Self::Tcp(s) => s.try_write_vectored(bufs),
