@@ -2,12 +2,14 @@
 """Runs every scenario against shardcast and every peer in one run, alternating them.
 
 For each scenario, for each round, for each server: start it in its own process group
-(`setsid`), wait for its "listening" line, run `shardcast bench ... --server-pid PID --json`,
-then stop it by signalling the process group. The server's CPU time (utime + stime from
-/proc/PID/stat) and RSS (VmRSS) are also sampled here over *every* process of its group,
-so nginx's master and workers count whole; `shardcast bench --server-pid` sees one pid only.
+(`setsid`), wait for its "listening" line, run `shardcast bench ... --server-pid PID... --json`
+with every pid of the group, then stop it by signalling the process group. The server's CPU
+time (utime + stime from /proc/PID/stat) and RSS (VmRSS) are also sampled here over the
+group for the whole run, connection setup included; the bench's own figures cover the run
+after the connections are open. `--pin 0:1` runs every server on CPU 0 and the generator on
+CPU 1 (taskset).
 
-Usage: benches/peers/compare.py [--rounds N] [--servers a,b] [--scenarios a,b] [--out DIR]
+Usage: benches/peers/compare.py [--rounds N] [--servers a,b] [--scenarios a,b] [--pin S:G] [--out DIR]
 Writes DIR/results.json (default benches/peers/results/). Then: python3 benches/peers/charts.py
 """
 import argparse
@@ -81,10 +83,13 @@ def group_rss(pgid):
     return total
 
 
-def start(name, port):
+def start(name, port, pin=None):
     script = os.path.join(HERE, name, "start.sh")
     env = dict(os.environ)
-    proc = subprocess.Popen([script, str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    argv = [script, str(port)]
+    if pin:
+        argv = ["taskset", "-c", pin] + argv
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=env, text=True)
     deadline = time.time() + 30
     ok = [False]
@@ -122,17 +127,25 @@ def stop(proc):
         time.sleep(0.1)
 
 
-def run_one(bench, name, scen, argv, port, outdir, rnd, timeout):
+def run_one(bench, name, scen, argv, port, outdir, rnd, timeout, pin=None):
+    """`pin`: (server CPUs, generator CPUs) for taskset, or None."""
     rec = {"server": name, "scenario": scen, "round": rnd, "started": time.time()}
+    if pin:
+        rec["pin"] = {"server": pin[0], "generator": pin[1]}
     try:
-        proc = start(name, port)
+        proc = start(name, port, pin[0] if pin else None)
     except Exception as e:  # noqa: BLE001
         rec["error"] = str(e)
         return rec
     time.sleep(0.3)
     url = f"ws://127.0.0.1:{port}/ws/{{topic}}"
     jpath = os.path.join(outdir, "raw", f"{scen}.{name}.r{rnd}.json")
-    cmd = [bench, "bench"] + argv + ["--url", url, "--server-pid", str(proc.pid), "--json", jpath, "-q"]
+    cmd = [bench, "bench"] + argv + ["--url", url, "--json", jpath, "-q"]
+    # Every process of the group (nginx's workers too): the bench sums their CPU and RSS.
+    for pid in group_pids(proc.pid) or [proc.pid]:
+        cmd += ["--server-pid", str(pid)]
+    if pin:
+        cmd = ["taskset", "-c", pin[1]] + cmd
     rec["command"] = " ".join(cmd)
     rss0 = group_rss(proc.pid)
     cpu0 = group_cpu(proc.pid)
@@ -226,6 +239,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--bench", default=os.environ.get("SHARDCAST_BIN", os.path.join(ROOT, "target/release/shardcast")))
     ap.add_argument("--port", type=int, default=9400)
+    ap.add_argument("--pin", default="",
+                    help="SERVER_CPUS:GENERATOR_CPUS for taskset, e.g. 0:1 (every server alike)")
     ap.add_argument("--append", action="store_true",
                     help="add these runs to an existing results.json as further rounds")
     args = ap.parse_args()
@@ -251,13 +266,17 @@ def main():
         old.setdefault("appended", []).append({k: res[k] for k in ("started_utc", "load_start", "scenarios")})
         old["rounds"] = max(old.get("rounds", 1), first + args.rounds)
         res = old
+    pin = tuple(args.pin.split(":", 1)) if args.pin else None
+    if pin and (len(pin) != 2 or not all(pin)):
+        sys.exit("compare.py: --pin takes SERVER_CPUS:GENERATOR_CPUS, e.g. 0:1")
+    res["pin"] = args.pin or None
     port = args.port
     for scen, argv in scens:
         for rnd in range(first, first + args.rounds):
             order = servers if rnd % 2 == 0 else list(reversed(servers))
             for name in order:
                 port += 1
-                rec = run_one(args.bench, name, scen, argv, port, args.out, rnd, timeout=120)
+                rec = run_one(args.bench, name, scen, argv, port, args.out, rnd, timeout=120, pin=pin)
                 rec["loadavg"] = os.getloadavg()
                 res["runs"].append(rec)
                 b = rec.get("bench") or {}

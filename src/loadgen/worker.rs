@@ -672,8 +672,9 @@ impl Window {
     }
 }
 
-/// The server processes' CPU and RSS (sums over the pids; `None` if one could not be read) and
-/// the kernel's TCP memory at one instant.
+/// The server processes' CPU and RSS (sums over the pids that could be read: a helper process
+/// that has exited counts nothing; `None` when none could) and the kernel's TCP memory at one
+/// instant.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerSample {
     pub at: Instant,
@@ -687,15 +688,22 @@ impl ServerSample {
     fn take(pids: &[u32]) -> ServerSample {
         ServerSample {
             at: Instant::now(),
-            cpu: pids
-                .iter()
-                .map(|&p| sys::process_cpu(p).map(|(u, s)| u + s))
-                .sum(),
-            rss: pids.iter().map(|&p| sys::process_rss(p)).sum(),
+            cpu: sum_some(
+                pids.iter()
+                    .map(|&p| sys::process_cpu(p).map(|(u, s)| u + s)),
+            ),
+            rss: sum_some(pids.iter().map(|&p| sys::process_rss(p))),
             tcp_mem: sys::tcp_socket_memory(),
             slab: sys::kernel_slab(),
         }
     }
+}
+
+/// The sum of the `Some`s, or `None` if there are none.
+fn sum_some<T: std::iter::Sum<T>>(items: impl Iterator<Item = Option<T>>) -> Option<T> {
+    let mut any = false;
+    let sum = items.flatten().inspect(|_| any = true).sum::<T>();
+    any.then_some(sum)
 }
 
 async fn fanout_phases(
