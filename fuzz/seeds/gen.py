@@ -129,3 +129,22 @@ write("timer_wheel", "huge_jump_past", bytes([1]) + insert(5, delay(HUGE, 1 << 2
       + insert(6, delay(PAST, 200)) + rewind(300) + tick() + huge(1 << 21))
 write("timer_wheel", "same_slot", bytes([64]) + insert(1, delay(NEAR, 64)) + insert(2, delay(FAR_, 128))
       + insert(3, delay(NEAR, 0)) + small(64) + touch(2, delay(NEAR, 1)) + small(1) + small(64))
+
+# bus_envelope: version 1, 16-byte node id, kind (1 text, 2 binary, 3 probe), u32 BE length,
+# payload. The round-trip half of the target reads byte 0 as the kind and bytes 1-16 as the
+# node id, so every seed also feeds it.
+NODE = bytes(range(0x10, 0x20))
+
+def envelope(kind, payload, version=1, length=None):
+    n = len(payload) if length is None else length
+    return bytes([version]) + NODE + bytes([kind]) + struct.pack(">I", n) + payload
+
+write("bus_envelope", "text", envelope(1, b"hello, every node"))
+write("bus_envelope", "binary", envelope(2, bytes(range(256))))
+write("bus_envelope", "probe", envelope(3, struct.pack(">Q", 123456789)))
+write("bus_envelope", "empty_payload", envelope(1, b""))
+write("bus_envelope", "length_too_long", envelope(2, b"abc", length=1000))
+write("bus_envelope", "length_too_short", envelope(2, b"abcdef", length=2))
+write("bus_envelope", "unknown_kind", envelope(9, b"x"))
+write("bus_envelope", "unknown_version", envelope(1, b"x", version=2))
+write("bus_envelope", "short_header", envelope(1, b"")[:10])
