@@ -85,7 +85,8 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize)]
 pub struct UrlResult {
     pub url: String,
-    /// Connections opened to it (fanout: subscribers; publishers are not counted).
+    /// Connections opened to it (fanout: subscribers; publishers are not counted; connect:
+    /// every handshake).
     pub connected: u64,
     /// Deliveries its connections received in the measured window.
     pub measured_deliveries: u64,
@@ -673,9 +674,13 @@ impl Report {
                 "  {}: {} connections, {}{}",
                 u.url,
                 u.connected,
-                match u.deliveries_per_sec {
-                    Some(r) => format!("{} deliveries/s", si(r)),
-                    None => format!("{} deliveries", u.measured_deliveries),
+                match (self.connect.is_some(), u.deliveries_per_sec) {
+                    (true, _) => format!(
+                        "{} handshakes measured",
+                        u.latency_us.as_ref().map_or(0, |l| l.count)
+                    ),
+                    (false, Some(r)) => format!("{} deliveries/s", si(r)),
+                    (false, None) => format!("{} deliveries", u.measured_deliveries),
                 },
                 u.latency_us
                     .as_ref()

@@ -45,6 +45,7 @@ pub async fn run(ctx: &Rc<Ctx>, job: &ConnectJob, link: &mut Link) -> Result<Wor
                 {
                     let end = now_ns();
                     ctx.shared.handshakes.set(ctx.shared.handshakes.get() + 1);
+                    ctx.shared.opened_on(dial.server);
                     ctx.shared.measure(dial.server, begin, end);
                     ctx.shared.open.set(ctx.shared.open.get().saturating_sub(1));
                     drop(conn);

@@ -161,6 +161,13 @@ impl Shared {
         }
     }
 
+    /// Counts a connection opened on server `server` (its `--url` index).
+    pub fn opened_on(&self, server: usize) {
+        if let Some(t) = self.by_server.get(server) {
+            t.connected.set(t.connected.get() + 1);
+        }
+    }
+
     /// A connection ended for `label` (a close code, end of file, an error).
     pub fn ended(&self, label: String) {
         self.open.set(self.open.get().saturating_sub(1));
@@ -502,9 +509,7 @@ pub async fn open_all(
         .buffer_unordered(limit);
     while let Some(conn) = opening.next().await {
         if let Some(conn) = conn {
-            if let Some(t) = ctx.shared.by_server.get(conn.server) {
-                t.connected.set(t.connected.get() + 1);
-            }
+            ctx.shared.opened_on(conn.server);
             start(conn);
         }
     }
