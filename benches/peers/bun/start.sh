@@ -9,10 +9,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/../lib.sh"
 port_arg "$@"
 bun="$here/node_modules/.bin/bun"
-if [[ ! -x "$bun" ]]; then
-    echo "bun is not installed: run benches/peers/install.sh bun" >&2
-    exit 1
-fi
+require_installed bun "$bun"
 # No telemetry or crash-report uploads from a benchmark run.
 export DO_NOT_TRACK=1
 exec "$bun" "$here/server.js" "$port"

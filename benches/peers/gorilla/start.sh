@@ -8,8 +8,5 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=../lib.sh
 source "$here/../lib.sh"
 port_arg "$@"
-if [[ ! -x "$here/bin/gorilla-peer" ]]; then
-    echo "the gorilla peer is not built: run benches/peers/install.sh gorilla" >&2
-    exit 1
-fi
+require_installed gorilla "$here/bin/gorilla-peer"
 exec "$here/bin/gorilla-peer" "$port"

@@ -8,8 +8,5 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=../lib.sh
 source "$here/../lib.sh"
 port_arg "$@"
-if [[ ! -d "$here/node_modules/ws" ]]; then
-    echo "ws is not installed: run benches/peers/install.sh node-ws" >&2
-    exit 1
-fi
+require_installed node-ws "$here/node_modules/ws"
 exec node "$here/server.mjs" "$port"

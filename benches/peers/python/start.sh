@@ -8,8 +8,5 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=../lib.sh
 source "$here/../lib.sh"
 port_arg "$@"
-if [[ ! -x "$here/.venv/bin/python" ]]; then
-    echo "the Python venv is missing: run benches/peers/install.sh python" >&2
-    exit 1
-fi
+require_installed python "$here/.venv/bin/python"
 exec "$here/.venv/bin/python" "$here/server.py" "$port"
