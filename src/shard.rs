@@ -34,6 +34,9 @@ use crate::{DisconnectCounts, DisconnectReason, Topic};
 
 /// Inbox messages a shard handles before it flushes the clients they touched.
 const BATCH: usize = 256;
+/// Clients a shard flushes before it lets the other tasks on its thread run and takes the
+/// publishes they made meanwhile (see `Shard::flush_round`).
+const FLUSH_SLICE: usize = 256;
 /// Most frames handed to one `writev`.
 const MAX_IOV: usize = 64;
 /// How long a close frame may take to flush after a slow-consumer, pong-timeout or
@@ -262,7 +265,10 @@ pub(crate) struct Shard {
     wheel: TimerWheel<Timer>,
     fired: Vec<Timer>,
     writable: FuturesUnordered<Waiter>,
-    dirty: Vec<usize>,
+    /// Clients with something to write, in the order they will be flushed. Invariant: a
+    /// client is in it iff its `dirty` flag is set (a key freed and reused while queued may
+    /// appear twice; flushing it twice is harmless).
+    dirty: VecDeque<usize>,
     doomed: Vec<usize>,
     start: Instant,
     tick: Duration,
@@ -298,7 +304,7 @@ impl Shard {
             wheel: TimerWheel::new(1024),
             fired: Vec::new(),
             writable: FuturesUnordered::new(),
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
             doomed: Vec::new(),
             start: Instant::now(),
             tick,
@@ -331,25 +337,13 @@ impl Shard {
                         continue;
                     };
                     self.handle(msg);
-                    let mut handled = 1;
-                    // Drain what is waiting; once the inbox is empty, yield once so publishers
-                    // running beside us can add to this batch: each client is then written
-                    // once for several frames instead of once per frame.
-                    let mut yielded = false;
-                    while handled < BATCH {
-                        match inbox.try_recv() {
-                            Ok(msg) => {
-                                self.handle(msg);
-                                handled += 1;
-                            }
-                            Err(_) if !yielded && !self.dirty.is_empty() => {
-                                yielded = true;
-                                tokio::task::yield_now().await;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.end_batch();
+                    self.collect(&mut inbox, 1).await;
+                    self.flush_round(&mut inbox).await;
+                }
+                // Clients that got frames after this round had flushed them: the next round.
+                _ = std::future::ready(()), if !self.dirty.is_empty() => {
+                    self.collect(&mut inbox, 0).await;
+                    self.flush_round(&mut inbox).await;
                 }
                 Some((key, id)) = self.writable.next(), if !self.writable.is_empty() => {
                     if let Some(c) = self.client_mut(key, id) {
@@ -361,6 +355,56 @@ impl Shard {
             }
         }
         tracing::debug!(shard = self.index, "shard stopped");
+    }
+
+    /// Handles what waits in the inbox, up to `BATCH` messages in all (`handled` so far). Once
+    /// the inbox is empty, yields once so publishers running beside the shard can add to this
+    /// batch: each client is then written once for several frames instead of once per frame.
+    async fn collect(&mut self, inbox: &mut mpsc::Receiver<ShardMsg>, mut handled: usize) {
+        let mut yielded = false;
+        while handled < BATCH {
+            match inbox.try_recv() {
+                Ok(msg) => {
+                    self.handle(msg);
+                    handled += 1;
+                }
+                Err(_) if !yielded && !self.dirty.is_empty() => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// One flush round: closes the slow consumers found so far, then flushes the clients that
+    /// are dirty now, `FLUSH_SLICE` at a time. Between slices it yields, so the readers on
+    /// this thread run, and handles what they published meanwhile: a frame published
+    /// mid-round joins the queues of the clients the round has not reached yet and goes out
+    /// in this round's write to them, instead of waiting for the round to end. The clients
+    /// already flushed get it in the next round. With 10,000 subscribers on one core a round
+    /// takes tens of milliseconds, so this about halves the time a frame waits. A round
+    /// flushes at most the clients dirty at its start, so a steady stream of publishes cannot
+    /// keep it from returning to the timers and the writable futures.
+    async fn flush_round(&mut self, inbox: &mut mpsc::Receiver<ShardMsg>) {
+        self.close_doomed();
+        let mut left = self.dirty.len();
+        loop {
+            let slice = left.min(FLUSH_SLICE);
+            self.flush_dirty(slice);
+            left -= slice;
+            if left == 0 || self.dirty.is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+            for _ in 0..BATCH {
+                match inbox.try_recv() {
+                    Ok(msg) => self.handle(msg),
+                    Err(_) => break,
+                }
+            }
+            self.close_doomed();
+        }
     }
 
     fn now_tick(&self) -> u64 {
@@ -563,7 +607,7 @@ impl Shard {
             self.deliveries += 1;
             if !c.dirty {
                 c.dirty = true;
-                self.dirty.push(key);
+                self.dirty.push_back(key);
             }
         }
     }
@@ -585,7 +629,7 @@ impl Shard {
         let c = &mut self.clients[key];
         if !c.dirty {
             c.dirty = true;
-            self.dirty.push(key);
+            self.dirty.push_back(key);
         }
     }
 
@@ -599,6 +643,12 @@ impl Shard {
 
     /// After a batch: drop the slow consumers it found, then flush every client it touched.
     fn end_batch(&mut self) {
+        self.close_doomed();
+        self.flush_dirty(usize::MAX);
+    }
+
+    /// Starts closing the slow consumers found since the last call.
+    fn close_doomed(&mut self) {
         while let Some(key) = self.doomed.pop() {
             if self.clients.contains(key) {
                 self.clients[key].doomed = false;
@@ -612,7 +662,14 @@ impl Shard {
                 );
             }
         }
-        while let Some(key) = self.dirty.pop() {
+    }
+
+    /// Flushes up to `n` clients from the front of the dirty queue.
+    fn flush_dirty(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some(key) = self.dirty.pop_front() else {
+                break;
+            };
             if let Some(c) = self.clients.get_mut(key) {
                 c.dirty = false;
                 self.flush(key);
