@@ -189,7 +189,7 @@ pub struct GeneratorCpu {
     pub total_s: f64,
     /// CPU seconds of every worker in the measured window.
     pub window_s: f64,
-    /// `window_s` over the window's length: 1.0 is one core busy.
+    /// `window_s` over the wall time between its two samples: 1.0 is one core busy.
     pub share_of_window: f64,
     /// CPU seconds of the parent, when the workers are separate processes.
     pub parent_s: f64,
@@ -253,7 +253,7 @@ pub fn build(
     let (mut connected, mut deliveries, mut measured, mut sent, mut foreign) = (0, 0, 0, 0, 0);
     let (mut window_deliveries, mut last_recv) = (0u64, 0u64);
     let (mut open, mut handshakes, mut chat_errors) = (0, 0, 0);
-    let (mut cpu_total, mut cpu_window) = (0.0, 0.0);
+    let (mut cpu_total, mut cpu_window, mut cpu_window_wall) = (0.0, 0.0, 0.0f64);
     for r in &results {
         let h = decode_histogram(&r.latency)?;
         latency
@@ -274,6 +274,7 @@ pub fn build(
         last_recv = last_recv.max(r.last_window_recv_ns);
         cpu_total += r.cpu_total_s;
         cpu_window += r.cpu_window_s;
+        cpu_window_wall = cpu_window_wall.max(r.cpu_window_wall_s);
     }
     let mut window_s = window.wall.as_secs_f64();
     let per_sec = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
@@ -363,11 +364,12 @@ pub fn build(
                 errors: chat_errors,
             });
         }
-        Job::Idle(job) => {
+        Job::Idle(_) => {
             deliveries_per_sec = 0.0;
             let before = extra.server.as_ref().map(|s| s.0);
             let after = extra.server_after_connect;
-            let n = job.connections as f64;
+            // Per connection the server holds, not per connection asked for.
+            let n = connected.max(1) as f64;
             let diff = |a: Option<u64>, b: Option<u64>| match (a, b) {
                 (Some(a), Some(b)) => Some((b as f64 - a as f64) / n),
                 _ => None,
@@ -462,7 +464,11 @@ pub fn build(
         generator_cpu: GeneratorCpu {
             total_s: cpu_total + parent_s,
             window_s: cpu_window,
-            share_of_window: if window_s > 0.0 {
+            // Over the CPU window's own span: it ends when the publishers stop, which can be
+            // after the throughput window when the server is slow to take their frames.
+            share_of_window: if cpu_window_wall > 0.0 {
+                cpu_window / cpu_window_wall
+            } else if window_s > 0.0 {
                 cpu_window / window_s
             } else {
                 0.0

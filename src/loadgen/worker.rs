@@ -160,6 +160,8 @@ pub struct WorkerResult {
     pub drain_timed_out: bool,
     pub cpu_total_s: f64,
     pub cpu_window_s: f64,
+    /// Wall time between the two samples behind `cpu_window_s` (0 if one is missing).
+    pub cpu_window_wall_s: f64,
     /// Per subscriber URL, in `--url` order; empty with a single URL.
     pub by_server: Vec<ServerPart>,
 }

@@ -84,6 +84,9 @@ pub struct Shared {
     pub publish_errors: RefCell<BTreeMap<String, u64>>,
     pub cpu_at_measure: Cell<Option<Duration>>,
     pub cpu_at_end: Cell<Option<Duration>>,
+    /// When (`now_ns`) `cpu_at_measure` and `cpu_at_end` were sampled: the CPU window's span.
+    pub cpu_measure_ns: Cell<Option<u64>>,
+    pub cpu_end_ns: Cell<Option<u64>>,
     /// Per subscriber URL, in `--url` order; empty with a single URL, where it would only
     /// repeat the totals (and record every latency twice).
     pub by_server: Vec<ServerTally>,
@@ -109,6 +112,8 @@ impl Shared {
             publish_errors: RefCell::new(BTreeMap::new()),
             cpu_at_measure: Cell::new(None),
             cpu_at_end: Cell::new(None),
+            cpu_measure_ns: Cell::new(None),
+            cpu_end_ns: Cell::new(None),
             by_server: if servers > 1 {
                 (0..servers)
                     .map(|_| ServerTally {
@@ -131,6 +136,7 @@ impl Shared {
     pub fn mark_cpu_end(&self) {
         let (u, s) = super::sys::self_cpu();
         self.cpu_at_end.set(Some(u + s));
+        self.cpu_end_ns.set(Some(now_ns()));
     }
 
     /// Records one delivery stamped `sent_ns` and received at `now` by a connection to
@@ -207,6 +213,10 @@ impl Shared {
             publish_errors: self.publish_errors.borrow().clone(),
             cpu_total_s: cpu_total.as_secs_f64(),
             cpu_window_s: cpu_window.as_secs_f64(),
+            cpu_window_wall_s: match (self.cpu_measure_ns.get(), self.cpu_end_ns.get()) {
+                (Some(from), Some(to)) => to.saturating_sub(from) as f64 / 1e9,
+                _ => 0.0,
+            },
             by_server: self
                 .by_server
                 .iter()
@@ -542,6 +552,7 @@ fn spawn_cpu_mark(ctx: &Rc<Ctx>, at_ns: u64) {
         tokio::time::sleep(until(at_ns)).await;
         let (u, s) = super::sys::self_cpu();
         ctx.shared.cpu_at_measure.set(Some(u + s));
+        ctx.shared.cpu_measure_ns.set(Some(now_ns()));
     });
 }
 
