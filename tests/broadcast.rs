@@ -10,23 +10,36 @@ use tokio_tungstenite::tungstenite::Message;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_on_four_shards_get_every_message_in_order() {
     const CLIENTS: usize = 500;
+    const SHARDS: usize = 4;
     const MESSAGES: usize = 1000;
     let s = start(Config {
-        shards: 4,
+        shards: SHARDS,
         ..config()
     })
     .await;
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        clients.push(s.connect("/ws/room").await);
+        clients.push(within("a client's handshake", s.connect("/ws/room")).await);
     }
+    // New connections go round robin over the shards.
+    let stats = stats_now(&s).await;
+    assert_eq!(
+        stats.shard_connections,
+        vec![CLIENTS / SHARDS; SHARDS],
+        "clients per shard"
+    );
     let publisher = clients.pop().expect("at least one client");
     let readers: Vec<_> = clients
         .into_iter()
-        .map(|mut ws| {
+        .enumerate()
+        .map(|(r, mut ws)| {
             tokio::spawn(async move {
+                let what = format!("reader {r}'s next message");
                 for expected in 0..MESSAGES {
-                    let msg = next_data(&mut ws).await.into_text().expect("text");
+                    let msg = within(&what, next_data(&mut ws))
+                        .await
+                        .into_text()
+                        .expect("text");
                     assert_eq!(msg.as_str(), expected.to_string(), "out of order or lost");
                 }
                 ws
@@ -38,7 +51,7 @@ async fn five_hundred_clients_on_four_shards_get_every_message_in_order() {
     let own = tokio::spawn(async move {
         let mut got = 0;
         while got < MESSAGES {
-            match stream.next().await {
+            match within("the publisher's own message", stream.next()).await {
                 Some(Ok(Message::Text(t))) => {
                     assert_eq!(t.as_str(), got.to_string());
                     got += 1;
@@ -50,55 +63,79 @@ async fn five_hundred_clients_on_four_shards_get_every_message_in_order() {
         got
     });
     for i in 0..MESSAGES {
-        futures_util::SinkExt::send(&mut sink, Message::text(i.to_string()))
-            .await
-            .expect("send");
+        within(
+            "the publisher's send",
+            futures_util::SinkExt::send(&mut sink, Message::text(i.to_string())),
+        )
+        .await
+        .expect("send");
     }
-    assert_eq!(own.await.unwrap(), MESSAGES);
+    assert_eq!(
+        within("the publisher's reader", own).await.unwrap(),
+        MESSAGES
+    );
     let mut open = Vec::new();
     for r in readers {
-        open.push(r.await.expect("reader got everything in order"));
+        open.push(
+            within("a reader to finish", r)
+                .await
+                .expect("reader got everything in order"),
+        );
     }
-    let stats = s.relay.stats().await;
+    let stats = stats_now(&s).await;
     assert_eq!(stats.deliveries, (CLIENTS * MESSAGES) as u64);
     assert_eq!(stats.disconnects.total(), 0);
     assert_eq!(stats.connections, CLIENTS);
+    assert_eq!(stats.shard_connections, vec![CLIENTS / SHARDS; SHARDS]);
     drop(open);
 }
 
 #[tokio::test]
 async fn opcode_is_preserved() {
     let s = start(config()).await;
-    let mut a = s.connect("/ws/t").await;
-    let mut b = s.connect("/ws/t").await;
-    send_text(&mut a, "text").await;
-    futures_util::SinkExt::send(&mut a, Message::binary(vec![0u8, 159, 146, 150]))
-        .await
-        .unwrap();
-    assert_eq!(next_data(&mut b).await, Message::text("text"));
+    let mut a = within("a's handshake", s.connect("/ws/t")).await;
+    let mut b = within("b's handshake", s.connect("/ws/t")).await;
+    within("a's text", send_text(&mut a, "text")).await;
+    within(
+        "a's binary",
+        futures_util::SinkExt::send(&mut a, Message::binary(vec![0u8, 159, 146, 150])),
+    )
+    .await
+    .unwrap();
     assert_eq!(
-        next_data(&mut b).await,
+        within("the text at b", next_data(&mut b)).await,
+        Message::text("text")
+    );
+    assert_eq!(
+        within("the binary at b", next_data(&mut b)).await,
         Message::binary(vec![0u8, 159, 146, 150])
     );
     // HTTP: text/* and application/json give text frames, anything else binary.
-    assert_eq!(
-        s.post("/publish/t", "application/json", b"{\"a\":1}").await,
-        202
-    );
-    assert_eq!(
-        s.post("/publish/t", "text/plain; charset=utf-8", b"plain")
+    for (content_type, body) in [
+        ("application/json", &b"{\"a\":1}"[..]),
+        ("text/plain; charset=utf-8", b"plain"),
+        ("application/octet-stream", b"\xff\x00"),
+    ] {
+        assert_eq!(
+            within(
+                "the publish answer",
+                s.post("/publish/t", content_type, body)
+            )
             .await,
-        202
+            202,
+            "{content_type}"
+        );
+    }
+    assert_eq!(
+        within("the JSON publish at b", next_data(&mut b)).await,
+        Message::text("{\"a\":1}")
     );
     assert_eq!(
-        s.post("/publish/t", "application/octet-stream", b"\xff\x00")
-            .await,
-        202
+        within("the text/plain publish at b", next_data(&mut b)).await,
+        Message::text("plain")
     );
-    assert_eq!(next_data(&mut b).await, Message::text("{\"a\":1}"));
-    assert_eq!(next_data(&mut b).await, Message::text("plain"));
     assert_eq!(
-        next_data(&mut b).await,
+        within("the octet-stream publish at b", next_data(&mut b)).await,
         Message::binary(b"\xff\x00".to_vec())
     );
 }
@@ -106,36 +143,49 @@ async fn opcode_is_preserved() {
 #[tokio::test]
 async fn topics_are_isolated() {
     let s = start(config()).await;
-    let mut red = s.connect("/ws/red").await;
-    let mut blue = s.connect("/ws/blue").await;
+    let mut red = within("red's handshake", s.connect("/ws/red")).await;
+    let mut blue = within("blue's handshake", s.connect("/ws/blue")).await;
     for i in 0..10 {
-        send_text(&mut red, &format!("red {i}")).await;
-        send_text(&mut blue, &format!("blue {i}")).await;
+        within("red's send", send_text(&mut red, &format!("red {i}"))).await;
+        within("blue's send", send_text(&mut blue, &format!("blue {i}"))).await;
     }
     for i in 0..10 {
-        assert_eq!(next_data(&mut red).await, Message::text(format!("red {i}")));
         assert_eq!(
-            next_data(&mut blue).await,
+            within("red's own message", next_data(&mut red)).await,
+            Message::text(format!("red {i}"))
+        );
+        assert_eq!(
+            within("blue's own message", next_data(&mut blue)).await,
             Message::text(format!("blue {i}"))
         );
     }
     // Nothing else arrived: the next message on each is the marker published after.
-    s.relay
-        .publish(&Topic::new("red").unwrap(), Opcode::Text, b"end")
+    for t in ["red", "blue"] {
+        within(
+            "the marker's publish",
+            s.relay
+                .publish(&Topic::new(t).unwrap(), Opcode::Text, b"end"),
+        )
         .await
         .unwrap();
-    s.relay
-        .publish(&Topic::new("blue").unwrap(), Opcode::Text, b"end")
-        .await
-        .unwrap();
-    assert_eq!(next_data(&mut red).await, Message::text("end"));
-    assert_eq!(next_data(&mut blue).await, Message::text("end"));
+    }
+    assert_eq!(
+        within("red's marker", next_data(&mut red)).await,
+        Message::text("end")
+    );
+    assert_eq!(
+        within("blue's marker", next_data(&mut blue)).await,
+        Message::text("end")
+    );
     // A topic nobody subscribes to reaches no shard.
     assert_eq!(
-        s.relay
-            .publish(&Topic::new("green").unwrap(), Opcode::Text, b"x")
-            .await
-            .unwrap(),
+        within(
+            "the publish to green",
+            s.relay
+                .publish(&Topic::new("green").unwrap(), Opcode::Text, b"x")
+        )
+        .await
+        .unwrap(),
         0
     );
 }
@@ -143,17 +193,41 @@ async fn topics_are_isolated() {
 #[tokio::test]
 async fn multi_topic_subscriber_receives_every_topic_and_may_not_publish() {
     let s = start(config()).await;
-    let mut multi = s.connect("/ws?topic=a&topic=b&topic=a").await;
-    assert_eq!(s.post("/publish/a", "text/plain", b"from a").await, 202);
-    assert_eq!(s.post("/publish/b", "text/plain", b"from b").await, 202);
-    assert_eq!(s.post("/publish/c", "text/plain", b"from c").await, 202);
-    assert_eq!(s.post("/publish/a", "text/plain", b"a again").await, 202);
-    assert_eq!(next_data(&mut multi).await, Message::text("from a"));
-    assert_eq!(next_data(&mut multi).await, Message::text("from b"));
+    let mut multi = within(
+        "the multi-topic handshake",
+        s.connect("/ws?topic=a&topic=b&topic=a"),
+    )
+    .await;
+    for (path, body) in [
+        ("/publish/a", &b"from a"[..]),
+        ("/publish/b", b"from b"),
+        ("/publish/c", b"from c"),
+        ("/publish/a", b"a again"),
+    ] {
+        assert_eq!(
+            within("the publish answer", s.post(path, "text/plain", body)).await,
+            202,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        within("the message to a", next_data(&mut multi)).await,
+        Message::text("from a")
+    );
+    assert_eq!(
+        within("the message to b", next_data(&mut multi)).await,
+        Message::text("from b")
+    );
     // Named twice, delivered once; topic c never arrives.
-    assert_eq!(next_data(&mut multi).await, Message::text("a again"));
-    send_text(&mut multi, "may I?").await;
-    assert_eq!(close_code(&mut multi).await, Some(1008));
+    assert_eq!(
+        within("the second message to a", next_data(&mut multi)).await,
+        Message::text("a again")
+    );
+    within("the refused publish", send_text(&mut multi, "may I?")).await;
+    assert_eq!(
+        within("the 1008 close", close_frame(&mut multi)).await,
+        Some((1008, "publish needs a single-topic connection".to_string()))
+    );
 }
 
 #[tokio::test]
@@ -163,11 +237,27 @@ async fn client_publish_can_be_disabled() {
         ..config()
     })
     .await;
-    let mut a = s.connect("/ws/t").await;
-    assert_eq!(s.post("/publish/t", "text/plain", b"server").await, 202);
-    assert_eq!(next_data(&mut a).await, Message::text("server"));
-    send_text(&mut a, "client").await;
-    assert_eq!(close_code(&mut a).await, Some(1008));
+    let mut a = within("the handshake", s.connect("/ws/t")).await;
+    assert_eq!(
+        within(
+            "the publish answer",
+            s.post("/publish/t", "text/plain", b"server")
+        )
+        .await,
+        202
+    );
+    assert_eq!(
+        within("the server's publish", next_data(&mut a)).await,
+        Message::text("server")
+    );
+    within("the refused publish", send_text(&mut a, "client")).await;
+    assert_eq!(
+        within("the 1008 close", close_frame(&mut a)).await,
+        Some((
+            1008,
+            "client publish is disabled on this server".to_string()
+        ))
+    );
 }
 
 #[tokio::test]
@@ -178,32 +268,37 @@ async fn http_endpoints_answer_with_the_documented_statuses() {
         ..config()
     })
     .await;
-    let (status, text) = s
-        .http("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await;
+    let (status, text) = within(
+        "the /healthz answer",
+        s.http("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
     assert_eq!(status, 200);
     assert!(text.ends_with("ok"));
-    assert_eq!(
-        s.http("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        s.post("/publish/bad%20topic", "text/plain", b"x").await,
-        400
-    );
-    assert_eq!(
-        s.post(&format!("/publish/{}", "x".repeat(129)), "text/plain", b"x")
-            .await,
-        400
-    );
-    assert_eq!(s.post("/publish/t", "text/plain", b"\xff\xfe").await, 400);
-    assert_eq!(s.post("/publish/t", "text/plain", &[b'a'; 1000]).await, 202);
-    assert_eq!(s.post("/publish/t", "text/plain", &[b'a'; 1001]).await, 413);
+    let (status, _) = within(
+        "the unknown path's answer",
+        s.http("GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let long_topic = format!("/publish/{}", "x".repeat(129));
+    for (path, body, want) in [
+        ("/publish/bad%20topic", &b"x"[..], 400),
+        (long_topic.as_str(), b"x", 400),
+        ("/publish/t", b"\xff\xfe", 400),
+        ("/publish/t", &[b'a'; 1000], 202),
+        ("/publish/t", &[b'a'; 1001], 413),
+    ] {
+        let got = within("the publish answer", s.post(path, "text/plain", body)).await;
+        assert_eq!(got, want, "{path} with {} bytes", body.len());
+    }
     // Server-side publish obeys the same limit.
     let t = Topic::new("t").unwrap();
-    let too_big = s.relay.publish(&t, Opcode::Binary, &[0; 1001]).await;
+    let too_big = within(
+        "the oversized publish",
+        s.relay.publish(&t, Opcode::Binary, &[0; 1001]),
+    )
+    .await;
     assert!(matches!(
         too_big,
         Err(shardcast::Error::MessageTooLarge {
@@ -216,11 +311,16 @@ async fn http_endpoints_answer_with_the_documented_statuses() {
         "POST /publish/t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n7d0\r\n{}\r\n0\r\n\r\n",
         "b".repeat(2000)
     );
-    assert_eq!(s.http(&chunked).await.0, 413);
     assert_eq!(
-        s.http("GET /publish/t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        within("the chunked publish's answer", s.http(&chunked))
             .await
             .0,
-        405
+        413
     );
+    let (status, _) = within(
+        "the GET /publish answer",
+        s.http("GET /publish/t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 405);
 }

@@ -17,6 +17,13 @@ use tokio_tungstenite::tungstenite::Message;
 const CLIENTS: usize = 40;
 const DELAY: Duration = Duration::from_secs(5);
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// The bound, in paused virtual time, on awaits that last until the drain is over.
+const DRAIN_WAIT: Duration = DELAY.saturating_add(TIMEOUT).saturating_add(WAIT);
+
+/// What every client gets when its turn in the drain comes.
+fn going_away() -> Option<(u16, String)> {
+    Some((1001, "going away".to_string()))
+}
 
 struct Running {
     addr: std::net::SocketAddr,
@@ -40,30 +47,40 @@ async fn start_controlled(config: Config) -> Running {
     }
 }
 
+/// A GET's (status, text), bounded by [`WAIT`].
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    raw_http(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    within_for(
+        format_args!("the answer to GET {path}"),
+        WAIT,
+        raw_http(addr, request.as_bytes()),
     )
     .await
 }
 
-/// Opens `CLIENTS` subscribers of `topic`; each task returns (data messages seen, when its
-/// close frame arrived, its close code).
-async fn subscribers(addr: std::net::SocketAddr) -> Vec<JoinHandle<(usize, Instant, Option<u16>)>> {
+/// What a subscriber saw: data messages, when its close frame (or the end) arrived, and the
+/// close frame's (code, reason).
+type Seen = (usize, Instant, Option<(u16, String)>);
+
+/// Opens `CLIENTS` subscribers of `topic`; each task returns what it saw. Join them with
+/// [`joined`], which bounds the wait.
+async fn subscribers(addr: std::net::SocketAddr) -> Vec<JoinHandle<Seen>> {
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/drain"))
-            .await
-            .expect("connect");
+        let (mut ws, _) = within(
+            "a subscriber's handshake",
+            tokio_tungstenite::connect_async(format!("ws://{addr}/ws/drain")),
+        )
+        .await
+        .expect("connect");
         tasks.push(tokio::spawn(async move {
             let mut data = 0;
             loop {
                 match ws.next().await {
                     Some(Ok(Message::Text(_))) => data += 1,
                     Some(Ok(Message::Close(f))) => {
-                        let code = f.map(|f| u16::from(f.code));
-                        return (data, Instant::now(), code);
+                        let close = f.map(|f| (u16::from(f.code), f.reason.to_string()));
+                        return (data, Instant::now(), close);
                     }
                     Some(Ok(_)) => {}
                     _ => return (data, Instant::now(), None),
@@ -74,8 +91,23 @@ async fn subscribers(addr: std::net::SocketAddr) -> Vec<JoinHandle<(usize, Insta
     tasks
 }
 
+/// A subscriber's result, bounded by the drain's whole length plus [`WAIT`] (virtual time).
+async fn joined(task: JoinHandle<Seen>) -> Seen {
+    within_for("a subscriber's close", DRAIN_WAIT, task)
+        .await
+        .expect("subscriber task")
+}
+
+/// The server's result, bounded like [`joined`].
+async fn server_done(task: JoinHandle<Result<(), shardcast::Error>>) {
+    within_for("the server's future", DRAIN_WAIT, task)
+        .await
+        .expect("server task")
+        .expect("server result");
+}
+
 /// A server with the test's delay and timeout, and its subscribers.
-async fn draining_setup() -> (Running, Vec<JoinHandle<(usize, Instant, Option<u16>)>>) {
+async fn draining_setup() -> (Running, Vec<JoinHandle<Seen>>) {
     let s = start_controlled(Config {
         drain_delay: DELAY,
         drain_timeout: TIMEOUT,
@@ -107,19 +139,21 @@ async fn sigterm_order_readyz_first_then_closes_spread_over_the_timeout() {
     assert_eq!(get(s.addr, "/readyz").await.0, 503);
     assert_eq!(get(s.addr, "/livez").await.0, 200);
     assert_eq!(get(s.addr, "/healthz").await.0, 200);
-    let (status, _) = s.http_upgrade("/ws/drain").await;
+    let (status, _) = within("the refused upgrade", s.http_upgrade("/ws/drain")).await;
     assert_eq!(status, 503, "no new clients while draining");
     // Open clients are still served during the delay.
     let t = shardcast::Topic::new("drain").expect("topic");
-    s.relay
-        .publish(&t, shardcast::Opcode::Text, b"still here")
-        .await
-        .expect("publish during the delay");
+    within(
+        "the publish during the delay",
+        s.relay.publish(&t, shardcast::Opcode::Text, b"still here"),
+    )
+    .await
+    .expect("publish during the delay");
 
     let mut times = Vec::new();
     for task in subs {
-        let (data, at, code) = task.await.expect("subscriber task");
-        assert_eq!(code, Some(1001));
+        let (data, at, close) = joined(task).await;
+        assert_eq!(close, going_away());
         assert_eq!(data, 1, "the message published during the delay arrived");
         times.push(at - began);
     }
@@ -145,7 +179,7 @@ async fn sigterm_order_readyz_first_then_closes_spread_over_the_timeout() {
         );
     }
     // Every client is gone, so the server returns without waiting for the deadline.
-    s.task.await.expect("server task").expect("server result");
+    server_done(s.task).await;
     assert!(Instant::now() - began < DELAY + TIMEOUT + Duration::from_secs(1));
 }
 
@@ -160,8 +194,8 @@ async fn a_second_request_closes_everything_at_once() {
     s.stop.send(Stop::Now).expect("server is running");
     let mut early = 0;
     for task in subs {
-        let (_, at, code) = task.await.expect("subscriber task");
-        assert_eq!(code, Some(1001));
+        let (_, at, close) = joined(task).await;
+        assert_eq!(close, going_away());
         if at < now {
             early += 1;
         } else {
@@ -176,27 +210,45 @@ async fn a_second_request_closes_everything_at_once() {
         early > 0 && early < CLIENTS,
         "{early} closed before the second signal"
     );
-    s.task.await.expect("server task").expect("server result");
+    server_done(s.task).await;
     assert!(Instant::now() - now <= Duration::from_secs(2));
 }
 
 #[tokio::test]
 async fn metrics_count_what_happened() {
     let s = start(config()).await;
-    let mut a = s.connect("/ws/m").await;
-    let mut b = s.connect("/ws/m").await;
-    send_text(&mut a, "one").await;
-    next_data(&mut b).await;
-    next_data(&mut a).await;
-    assert_eq!(s.post("/publish/m", "text/plain", b"two").await, 202);
-    next_data(&mut b).await;
+    let mut a = within("a's handshake", s.connect("/ws/m")).await;
+    let mut b = within("b's handshake", s.connect("/ws/m")).await;
+    within("a's message", send_text(&mut a, "one")).await;
+    let one = Message::text("one");
+    assert_eq!(within("a's message at b", next_data(&mut b)).await, one);
+    assert_eq!(within("a's own message", next_data(&mut a)).await, one);
     assert_eq!(
-        s.http("GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await.0,
+        within(
+            "the publish answer",
+            s.post("/publish/m", "text/plain", b"two")
+        )
+        .await,
+        202
+    );
+    assert_eq!(
+        within("the HTTP publish at b", next_data(&mut b)).await,
+        Message::text("two")
+    );
+    assert_eq!(
+        within(
+            "the unknown path's answer",
+            s.http("GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
+        .await
+        .0,
         404
     );
-    let (status, text) = s
-        .http("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await;
+    let (status, text) = within(
+        "the /metrics answer",
+        s.http("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
     assert_eq!(status, 200);
     for line in [
         "shardcast_connections_opened_total 2",
@@ -223,7 +275,7 @@ async fn metrics_count_what_happened() {
         .expect("bytes sent");
     assert!(sent >= 4 * 5, "four frames of at least 5 bytes, got {sent}");
     drop((a, b));
-    s.stop().await;
+    within("the server's future", s.stop()).await;
 }
 
 #[tokio::test]
@@ -250,7 +302,10 @@ async fn a_metrics_listener_takes_metrics_off_the_main_port() {
     assert_eq!(get(metrics_addr, "/readyz").await.0, 200);
     assert_eq!(get(metrics_addr, "/ws/x").await.0, 404);
     stop.send(Stop::Drain).expect("running");
-    task.await.expect("server task").expect("server result");
+    within("the server's future", task)
+        .await
+        .expect("server task")
+        .expect("server result");
 }
 
 impl Running {

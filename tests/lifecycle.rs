@@ -6,9 +6,37 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use shardcast::{Config, DisconnectReason, Opcode, Topic};
+use shardcast::{Config, DisconnectReason, Opcode, RejectReason, Topic};
 use tokio::net::TcpSocket;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
+
+/// Short heartbeat settings for the paused-clock tests.
+const PING: Duration = Duration::from_millis(200);
+const PONG: Duration = Duration::from_millis(100);
+
+fn heartbeat_config() -> Config {
+    Config {
+        ping_interval: PING,
+        pong_timeout: PONG,
+        ..config()
+    }
+}
+
+/// A shard's tick under `c`, as `Shard::new` in `src/shard.rs` derives it: the shortest of the
+/// intervals (and the 1 s close grace) over 8, clamped to 1..100 ms. Deadlines fire on ticks.
+fn shard_tick(c: &Config) -> Duration {
+    let shortest = c
+        .ping_interval
+        .min(c.pong_timeout)
+        .min(c.write_timeout)
+        .min(Duration::from_secs(1));
+    (shortest / 8).clamp(Duration::from_millis(1), Duration::from_millis(100))
+}
+
+/// Slack for the paused clock: it never runs ahead of a deadline, but a timer at the same
+/// instant as the event may be polled in either order.
+const EPSILON: Duration = Duration::from_millis(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
@@ -23,17 +51,29 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
     .await;
     let topic = Topic::new("firehose").unwrap();
 
-    // A raw client with a small receive buffer that completes the handshake and never reads.
+    // A raw client with a small receive buffer that completes the handshake and never reads
+    // until the server has dropped it.
     let sock = TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
-    let mut slow = raw_ws_on(sock.connect(s.addr).await.unwrap(), "/ws/firehose").await;
+    let tcp = within("the slow client's connect", sock.connect(s.addr))
+        .await
+        .unwrap();
+    let mut slow = Some(
+        within(
+            "the slow client's handshake",
+            raw_ws_on(tcp, "/ws/firehose"),
+        )
+        .await,
+    );
 
     // The fast client reads all along and stops at the end marker.
-    let mut fast = s.connect("/ws/firehose").await;
+    let mut fast = within("the fast client's handshake", s.connect("/ws/firehose")).await;
     let reader = tokio::spawn(async move {
         let mut got = 0u64;
         loop {
-            let Message::Binary(b) = next_data(&mut fast).await else {
+            let Message::Binary(b) =
+                within("the fast client's next message", next_data(&mut fast)).await
+            else {
                 panic!("binary expected")
             };
             let seq = u64::from_be_bytes(b[..8].try_into().unwrap());
@@ -47,20 +87,49 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
     let mut payload = vec![0u8; SIZE];
     let mut sent = 0u64;
     let mut dropped_at = None;
+    let mut slow_reader = None;
     while sent < MAX_MESSAGES as u64 {
         payload[..8].copy_from_slice(&sent.to_be_bytes());
-        s.relay
-            .publish(&topic, Opcode::Binary, &payload)
-            .await
-            .unwrap();
+        within(
+            "a publish",
+            s.relay.publish(&topic, Opcode::Binary, &payload),
+        )
+        .await
+        .unwrap();
         sent += 1;
-        let stats = s.relay.stats().await;
+        let stats = stats_now(&s).await;
         assert!(
             stats.peak_client_queued_bytes <= BUDGET,
             "a queue passed its budget: {stats:?}"
         );
+        assert!(
+            stats.queued_bytes <= 2 * BUDGET,
+            "two clients hold more than their budgets: {stats:?}"
+        );
         if dropped_at.is_none() && stats.disconnects.get(DisconnectReason::SlowConsumer) == 1 {
             dropped_at = Some(sent);
+            // Dropped: now the slow client reads what the kernel buffered for it, so the close
+            // frame can still be written within the server's one-second close grace.
+            let mut sock = slow.take().expect("the slow client is read once");
+            slow_reader = Some(tokio::spawn(async move {
+                let mut seen = 0u64;
+                while let Some((op, p)) = read_server_frame(&mut sock).await {
+                    match op {
+                        0x2 => {
+                            let seq = u64::from_be_bytes(p[..8].try_into().unwrap());
+                            assert_eq!(seq, seen, "the slow client's frames out of order");
+                            seen += 1;
+                        }
+                        0x8 => {
+                            let code = u16::from_be_bytes([p[0], p[1]]);
+                            let reason = String::from_utf8_lossy(&p[2..]).to_string();
+                            return (seen, Some((code, reason)));
+                        }
+                        other => panic!("unexpected opcode {other:#x} at the slow client"),
+                    }
+                }
+                (seen, None)
+            }));
         }
         // Keep publishing a little after the drop: the others must not notice it.
         if dropped_at.is_some_and(|at| sent >= at + 100) {
@@ -70,21 +139,37 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
     assert!(
         dropped_at.is_some(),
         "the slow consumer was never dropped: {:?}",
-        s.relay.stats().await
+        stats_now(&s).await
     );
     payload[..8].copy_from_slice(&u64::MAX.to_be_bytes());
-    s.relay
-        .publish(&topic, Opcode::Binary, &payload)
-        .await
-        .unwrap();
-    let (got, fast) = reader
+    within(
+        "the end marker's publish",
+        s.relay.publish(&topic, Opcode::Binary, &payload),
+    )
+    .await
+    .unwrap();
+    let (got, fast) = within("the fast client's reader", reader)
         .await
         .expect("fast client got every message in order");
     assert_eq!(got, sent);
 
-    // The slow client finds, after whatever the kernel buffered, the 4008 close frame.
-    assert_eq!(raw_close_code(&mut slow).await, 4008);
-    let stats = s.relay.stats().await;
+    // The slow client finds, after whatever the kernel buffered, the 4008 close frame, or, if
+    // the close grace ran out before it could be written, the end of the connection.
+    let (seen, close) = within(
+        "the slow client's close",
+        slow_reader.expect("started at the drop"),
+    )
+    .await
+    .expect("the slow client's reader");
+    assert!(seen < sent, "the slow client got everything: {seen}");
+    if let Some(close) = close {
+        assert_eq!(close, (4008, "slow consumer".to_string()));
+    }
+    // Its socket and queue are freed: only the fast client, with nothing queued, is left.
+    let stats = stats_until(&s, "the slow client freed", |st| {
+        st.connections == 1 && st.queued_bytes == 0
+    })
+    .await;
     assert_eq!(stats.disconnects.get(DisconnectReason::SlowConsumer), 1);
     assert_eq!(stats.disconnects.total(), 1);
     assert!(stats.peak_client_queued_bytes <= BUDGET);
@@ -92,75 +177,134 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
 }
 
 /// With a paused clock the runtime jumps to the next timer whenever every task waits, so the
-/// deadline arithmetic is exact and nothing sleeps for real.
+/// deadline arithmetic is exact to a shard tick and nothing sleeps for real. A frame the
+/// server writes is seen by the client at most one tick later: the clock may jump to the
+/// next tick while the bytes cross loopback.
 #[tokio::test(start_paused = true)]
 async fn client_that_never_answers_pings_is_closed_with_4012() {
-    let ping = Duration::from_secs(20);
-    let pong = Duration::from_secs(10);
-    let s = start(Config {
-        ping_interval: ping,
-        pong_timeout: pong,
-        ..config()
-    })
-    .await;
-    let mut silent = raw_ws(s.addr, "/ws/hb").await;
-    let t0 = tokio::time::Instant::now();
+    let config = heartbeat_config();
+    let tick = shard_tick(&config);
+    let s = start(config).await;
+    let mut silent = within("the silent client's handshake", raw_ws(s.addr, "/ws/hb")).await;
+    let t0 = Instant::now();
     // The first frame is the server's ping, one interval after the handshake.
-    let (op, payload) = read_server_frame(&mut silent).await.expect("ping");
+    let (op, payload) = within("the server's ping", read_server_frame(&mut silent))
+        .await
+        .expect("ping");
     assert_eq!((op, payload.len()), (0x9, 0));
     let pinged = t0.elapsed();
     assert!(
-        pinged >= ping && pinged <= ping + Duration::from_secs(1),
-        "pinged after {pinged:?}"
+        pinged + tick >= PING && pinged <= PING + tick + EPSILON,
+        "pinged after {pinged:?} (tick {tick:?})"
     );
-    assert_eq!(raw_close_code(&mut silent).await, 4012);
+    let close = within("the 4012 close", raw_close_frame(&mut silent)).await;
+    assert_eq!(close, Some((4012, "pong timeout".to_string())));
     let closed = t0.elapsed();
-    assert!(closed >= ping + pong, "closed too early: {closed:?}");
     assert!(
-        closed <= ping + pong + Duration::from_secs(1),
-        "closed too late: {closed:?}"
+        closed - pinged + tick >= PONG,
+        "closed {:?} after the ping",
+        closed - pinged
     );
-    let stats = s.relay.stats().await;
+    assert!(
+        closed + tick >= PING + PONG,
+        "closed too early: {closed:?} (tick {tick:?})"
+    );
+    assert!(
+        closed <= PING + PONG + tick + EPSILON,
+        "closed too late: {closed:?} (tick {tick:?})"
+    );
+    let stats = stats_until(&s, "the silent client freed", |st| st.connections == 0).await;
     assert_eq!(stats.disconnects.get(DisconnectReason::PongTimeout), 1);
+    assert_eq!(stats.disconnects.total(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn client_that_answers_pings_stays_connected() {
-    let s = start(Config {
-        ping_interval: Duration::from_secs(20),
-        pong_timeout: Duration::from_secs(10),
-        ..config()
-    })
-    .await;
-    let mut ws = s.connect("/ws/hb").await;
-    let t0 = tokio::time::Instant::now();
+    let s = start(heartbeat_config()).await;
+    let mut ws = within("the handshake", s.connect("/ws/hb")).await;
+    let t0 = Instant::now();
     // tungstenite answers each ping with a pong while we read. Ten intervals later we are
     // still subscribed.
     let mut pings = 0;
     while pings < 10 {
-        match ws.next().await {
+        match within("the server's ping", ws.next()).await {
             Some(Ok(Message::Ping(_))) => pings += 1,
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert!(t0.elapsed() >= Duration::from_secs(200));
-    s.relay
-        .publish(&Topic::new("hb").unwrap(), Opcode::Text, b"still here")
-        .await
-        .unwrap();
-    assert_eq!(next_data(&mut ws).await, Message::text("still here"));
-    assert_eq!(s.relay.stats().await.disconnects.total(), 0);
+    assert!(t0.elapsed() >= PING * 10);
+    within(
+        "the publish",
+        s.relay
+            .publish(&Topic::new("hb").unwrap(), Opcode::Text, b"still here"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        within("the message after ten pings", next_data(&mut ws)).await,
+        Message::text("still here")
+    );
+    assert_eq!(stats_now(&s).await.disconnects.total(), 0);
+}
+
+/// Any frame from the client counts as life: a client that never sends a pong, but sends a
+/// data message or a ping of its own after each server ping, is never closed with 4012.
+#[tokio::test(start_paused = true)]
+async fn any_frame_from_the_client_counts_as_life() {
+    const ROUNDS: usize = 10;
+    let s = start(heartbeat_config()).await;
+    let mut c = within("the client's handshake", raw_ws(s.addr, "/ws/life")).await;
+    let t0 = Instant::now();
+    let (mut echoes, mut pongs) = (0, 0);
+    // One more ping than rounds: the last one shows the last round's deadline passed too.
+    for round in 0..=ROUNDS {
+        // Wait for the server's ping; on the way, the answers to the previous round arrive.
+        loop {
+            let frame = within("the server's ping", read_server_frame(&mut c)).await;
+            match frame.expect("the connection stays open") {
+                (0x9, _) => break,
+                (0x1, text) => {
+                    assert_eq!(text, format!("life {}", 2 * echoes).into_bytes());
+                    echoes += 1;
+                }
+                (0xA, payload) => {
+                    assert_eq!(payload, b"me too");
+                    pongs += 1;
+                }
+                (0x8, p) => panic!("closed in round {round}: {:?}", String::from_utf8_lossy(&p)),
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        if round == ROUNDS {
+            break;
+        }
+        // Anything but a pong: a data message (echoed to us, a subscriber) or our own ping.
+        let frame = if round % 2 == 0 {
+            client_frame(true, OP_TEXT, format!("life {round}").as_bytes())
+        } else {
+            client_frame(true, OP_PING, b"me too")
+        };
+        within("the client's frame", raw_send(&mut c, &frame)).await;
+    }
+    assert!(t0.elapsed() >= PING * ROUNDS as u32);
+    assert_eq!((echoes, pongs), (ROUNDS / 2, ROUNDS / 2));
+    let stats = stats_now(&s).await;
+    assert_eq!(stats.disconnects.get(DisconnectReason::PongTimeout), 0);
+    assert_eq!((stats.connections, stats.disconnects.total()), (1, 0));
 }
 
 #[tokio::test]
 async fn client_ping_gets_a_pong() {
     let s = start(config()).await;
-    let mut ws = s.connect("/ws/p").await;
-    ws.send(Message::Ping(b"are you there".to_vec().into()))
-        .await
-        .unwrap();
+    let mut ws = within("the handshake", s.connect("/ws/p")).await;
+    within(
+        "the client's ping",
+        ws.send(Message::Ping(b"are you there".to_vec().into())),
+    )
+    .await
+    .unwrap();
     loop {
-        match ws.next().await {
+        match within("the pong", ws.next()).await {
             Some(Ok(Message::Pong(p))) => {
                 assert_eq!(&p[..], b"are you there");
                 break;
@@ -179,23 +323,30 @@ async fn shutdown_sends_1001_to_every_client_and_completes() {
         ..config()
     })
     .await;
+    let going_away = || Some((1001, "going away".to_string()));
     let mut readers = Vec::new();
     for i in 0..30 {
-        let mut ws = s.connect(&format!("/ws/t{}", i % 4)).await;
-        readers.push(tokio::spawn(async move { close_code(&mut ws).await }));
-    }
-    let mut raw = raw_ws(s.addr, "/ws/t0").await;
-    // The raw client answers nothing; it reads the close frame and hangs up.
-    readers.push(tokio::spawn(
-        async move { Some(raw_close_code(&mut raw).await) },
-    ));
-    let (_, text) = s
-        .http("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        let mut ws = within(
+            "a client's handshake",
+            s.connect(&format!("/ws/t{}", i % 4)),
+        )
         .await;
+        readers.push(tokio::spawn(async move { close_frame(&mut ws).await }));
+    }
+    let mut raw = within("the raw client's handshake", raw_ws(s.addr, "/ws/t0")).await;
+    // The raw client answers nothing; it reads the close frame and hangs up.
+    readers.push(tokio::spawn(async move { raw_close_frame(&mut raw).await }));
+    let (_, text) = within(
+        "the /healthz answer",
+        s.http("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
     assert!(text.ends_with("ok"));
-    s.stop().await; // returns once the server's future has completed
+    // Returns once the server's future has completed; the drain takes at most its timeout.
+    within("the server's future", s.stop()).await;
     for r in readers {
-        assert_eq!(r.await.unwrap(), Some(1001));
+        let close = within("a client's close frame", r).await.unwrap();
+        assert_eq!(close, going_away());
     }
 }
 
@@ -206,14 +357,34 @@ async fn upgrades_over_the_connection_limit_get_503() {
         ..config()
     })
     .await;
-    let a = s.connect("/ws/x").await;
-    let _b = s.connect("/ws/x").await;
-    let req = "GET /ws/x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-    assert_eq!(s.http(req).await.0, 503);
-    // The refused request took no slot.
-    let stats = s.relay.stats().await;
+    let mut a = within("a's handshake", s.connect("/ws/x")).await;
+    let mut b = within("b's handshake", s.connect("/ws/x")).await;
+    let req = upgrade_request("GET", "/ws/x", &format!("{KEY}{V13}"));
+    assert_eq!(within("the refused upgrade", s.http(&req)).await.0, 503);
+    // The refused request took no slot, and was counted once.
+    let stats = stats_now(&s).await;
     assert_eq!((stats.connections, stats.disconnects.total()), (2, 0));
-    drop(a);
+    assert_eq!(stats.rejections.get(RejectReason::ConnectionLimit), 1);
+    assert_eq!(stats.rejections.total(), 1);
+
+    // A client leaves: once the server has freed it, its slot takes a new upgrade.
+    within("a's close", a.close(None)).await.expect("close");
+    while within("a's close echo", a.next()).await.is_some() {}
+    stats_until(&s, "a's slot freed", |st| st.connections == 1).await;
+    let mut c = within("c's handshake", s.connect("/ws/x")).await;
+    within("c's message", send_text(&mut c, "in again")).await;
+    assert_eq!(
+        within("c's message at b", next_data(&mut b)).await,
+        Message::text("in again")
+    );
+    assert_eq!(
+        within("c's own message", next_data(&mut c)).await,
+        Message::text("in again")
+    );
+    let stats = stats_now(&s).await;
+    assert_eq!(stats.connections, 2);
+    assert_eq!(stats.rejections.get(RejectReason::ConnectionLimit), 1);
+    assert_eq!(stats.disconnects.get(DisconnectReason::ClientClose), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -228,15 +399,20 @@ async fn a_write_that_makes_no_progress_drops_the_client_after_the_write_timeout
     .await;
     let sock = TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
-    let _stuck = raw_ws_on(sock.connect(s.addr).await.unwrap(), "/ws/stuck").await;
+    let tcp = within("the stuck client's connect", sock.connect(s.addr))
+        .await
+        .unwrap();
+    let _stuck = within("the stuck client's handshake", raw_ws_on(tcp, "/ws/stuck")).await;
     let topic = Topic::new("stuck").unwrap();
     for _ in 0..1024 {
-        s.relay
-            .publish(&topic, Opcode::Binary, &[1; 16 * 1024])
-            .await
-            .unwrap();
+        within(
+            "a publish",
+            s.relay.publish(&topic, Opcode::Binary, &[1; 16 * 1024]),
+        )
+        .await
+        .unwrap();
     }
-    let queued = s.relay.stats().await.queued_bytes;
+    let queued = stats_now(&s).await.queued_bytes;
     assert!(
         queued > 0,
         "the kernel took 16 MiB: the socket never blocked"
@@ -244,12 +420,12 @@ async fn a_write_that_makes_no_progress_drops_the_client_after_the_write_timeout
     // Virtual time: the clock jumps while every task waits.
     tokio::time::sleep(write_timeout / 2).await;
     assert_eq!(
-        s.relay.stats().await.disconnects.total(),
+        stats_now(&s).await.disconnects.total(),
         0,
         "dropped too early"
     );
     tokio::time::sleep(write_timeout).await;
-    let stats = s.relay.stats().await;
+    let stats = stats_now(&s).await;
     assert_eq!(stats.disconnects.get(DisconnectReason::WriteTimeout), 1);
     assert_eq!(
         (stats.connections, stats.queued_bytes),

@@ -167,6 +167,26 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     }
 }
 
+/// Awaits `fut`, failing the test (naming `what`) if it takes longer than `limit`. For
+/// paused-clock tests whose event legitimately lies more than [`WAIT`] of virtual time away:
+/// there the bound is virtual too, and a lost event fails at once in real time, since the
+/// shards' tick timers keep the paused clock moving.
+pub async fn within_for<T>(
+    what: impl std::fmt::Display,
+    limit: Duration,
+    fut: impl Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// The relay's counters, bounded by [`WAIT`] (each shard answers through its inbox).
+pub async fn stats_now(s: &TestServer) -> Stats {
+    within("the relay's counters", s.relay.stats()).await
+}
+
 /// Runs `shardcast bench` with `args` (scenario first) off the test's runtime, bounded by
 /// [`WAIT`]; fails the test if the arguments are bad or the run fails.
 pub async fn bench_report<S: Into<String>>(
@@ -216,6 +236,20 @@ pub async fn close_code(ws: &mut Ws) -> Option<u16> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Close(frame))) => return frame.map(|f: CloseFrame| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+/// Reads until the server's close frame and returns its (code, reason); `None` if the stream
+/// ended without one. Unbounded like its siblings: wrap it in [`within`].
+pub async fn close_frame(ws: &mut Ws) -> Option<(u16, String)> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(frame))) => {
+                return frame.map(|f: CloseFrame| (u16::from(f.code), f.reason.to_string()));
+            }
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return None,
         }
@@ -331,6 +365,21 @@ pub async fn raw_close_code(s: &mut TcpStream) -> u16 {
     }
 }
 
+/// Reads server frames until a close frame; returns its (code, reason), or `None` if the
+/// connection ended (end-of-file or reset) first. Unbounded: wrap it in [`within`].
+pub async fn raw_close_frame(s: &mut TcpStream) -> Option<(u16, String)> {
+    loop {
+        match read_server_frame(s).await? {
+            (0x8, p) => {
+                assert!(p.len() >= 2, "a close frame without a code: {p:?}");
+                let reason = String::from_utf8(p[2..].to_vec()).expect("close reason is UTF-8");
+                return Some((u16::from_be_bytes([p[0], p[1]]), reason));
+            }
+            _ => continue,
+        }
+    }
+}
+
 /// The code of the server's close frame, after which the server must end the connection
 /// and send nothing more. Bounded by [`WAIT`].
 pub async fn raw_close_code_then_end(s: &mut TcpStream) -> u16 {
@@ -357,19 +406,28 @@ pub async fn assert_still_serving(s: &TestServer) {
 
 /// Polls the relay's counters until `done` holds, for effects that land after the client has
 /// seen its last byte, such as a connection freed once its reader sees the client go.
-/// At most [`WAIT`]; returns the counters that satisfied `done`.
+/// At most [`WAIT`]; returns the counters that satisfied `done`, or fails naming `what` with
+/// the last counters seen.
+///
+/// A bounded poll of a condition rather than a wait on a signal: the server has no change
+/// notification, and adding one would put a wake-up on the shards' hot path for the tests'
+/// sake. Each poll is one message per shard and the interval is 1 ms (virtual on a paused
+/// clock), so the poll costs the server little and adds at most a millisecond to a test.
 pub async fn stats_until(s: &TestServer, what: &str, done: impl Fn(&Stats) -> bool) -> Stats {
+    let mut last = None;
     let poll = async {
         loop {
             let stats = s.relay.stats().await;
             if done(&stats) {
                 return stats;
             }
+            last = Some(stats);
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     };
-    match tokio::time::timeout(WAIT, poll).await {
+    let result = tokio::time::timeout(WAIT, poll).await;
+    match result {
         Ok(stats) => stats,
-        Err(_) => panic!("never saw {what} in {WAIT:?}: {:?}", s.relay.stats().await),
+        Err(_) => panic!("never saw {what} in {WAIT:?}; last counters seen: {last:?}"),
     }
 }
