@@ -90,6 +90,72 @@ async fn five_hundred_clients_on_four_shards_get_every_message_in_order() {
     drop(open);
 }
 
+/// One shard, several flush slices of subscribers, and a publisher that sends again as soon as
+/// its own copy arrives: the shard takes new publishes between slices of a flush round
+/// (`Shard::flush_round`), so frames join some queues mid-round and others in the next round. Every subscriber still gets every
+/// message exactly once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_taken_mid_round_keep_every_subscriber_in_order() {
+    const CLIENTS: usize = 1200; // more than four flush slices of 256
+    const MESSAGES: usize = 300;
+    let s = start(Config {
+        shards: 1,
+        ..config()
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(within("a client's handshake", s.connect("/ws/slices")).await);
+    }
+    // The first client is flushed first in each round (a round writes clients in the order
+    // they subscribed), so when it publishes as soon as its own copy of the previous message
+    // arrives, the next message reaches the shard while the round is still writing the rest.
+    let mut publisher = clients.remove(0);
+    // The other clients read only after the last publish (their frames wait in the kernel's
+    // buffers), so the publisher's round trip is not held up behind a thousand reader tasks.
+    for i in 0..MESSAGES {
+        within("a publish", send_text(&mut publisher, &i.to_string())).await;
+        let own = within("the publisher's own copy", next_data(&mut publisher))
+            .await
+            .into_text()
+            .expect("a text frame");
+        assert_eq!(own.as_str(), i.to_string());
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(r, mut ws)| {
+            tokio::spawn(async move {
+                let what = format!("reader {r}'s next message");
+                for expected in 0..MESSAGES {
+                    let msg = within(&what, next_data(&mut ws))
+                        .await
+                        .into_text()
+                        .expect("a text frame");
+                    assert_eq!(
+                        msg.as_str(),
+                        expected.to_string(),
+                        "reader {r}: out of order or lost"
+                    );
+                }
+                ws
+            })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for r in readers {
+        open.push(
+            within("a reader", r)
+                .await
+                .expect("reader got everything in order"),
+        );
+    }
+    let stats = stats_now(&s).await;
+    assert_eq!(stats.deliveries, (CLIENTS * MESSAGES) as u64);
+    assert_eq!(stats.disconnects.total(), 0);
+    drop(open);
+}
+
 #[tokio::test]
 async fn opcode_is_preserved() {
     let s = start(config()).await;
