@@ -311,6 +311,8 @@ where
     if let Err(e) = conn.await {
         if e.is_parse_too_large() {
             relay.reject(RejectReason::HeadersTooLarge);
+        } else if e.is_parse() {
+            relay.reject(RejectReason::BadRequest);
         } else if e.is_timeout() {
             relay.reject(RejectReason::HandshakeTimeout);
         }
