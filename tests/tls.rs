@@ -4,12 +4,14 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
-use shardcast::{Config, JwtKey, TlsConfig};
+use shardcast::{Config, JwtKey, RejectReason, TlsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -176,4 +178,80 @@ async fn es256_tokens_are_checked_against_a_pem_public_key() {
     .expect("sign");
     assert_eq!(s.http(&upgrade(hs)).await.0, 401);
     s.stop().await;
+}
+
+/// A paused clock: the runtime jumps to the next timer whenever every task waits, so nothing
+/// sleeps for real and the timeout arithmetic is exact.
+#[tokio::test(start_paused = true)]
+async fn tls_and_the_request_head_share_one_handshake_deadline() {
+    let timeout = Duration::from_secs(4);
+    // The client spends most of the budget before its TLS handshake...
+    let tls_after = Duration::from_secs(3);
+    // ...then sends the head a byte every half second: each byte in time, the head never.
+    let step = Duration::from_millis(500);
+    let cert = certificate();
+    let s = start(Config {
+        tls: Some(cert.tls.clone()),
+        handshake_timeout: timeout,
+        ..config()
+    })
+    .await;
+    let head = upgrade_request("GET", "/ws/slow", &format!("{KEY}{V13}"));
+    assert!(step * head.len() as u32 > timeout * 10);
+    let t0 = Instant::now();
+    let tcp = within("connect", TcpStream::connect(s.addr))
+        .await
+        .expect("connect to the test server");
+    tokio::time::sleep(tls_after).await;
+    let name = ServerName::try_from("localhost").expect("server name");
+    let tls = within("the tls handshake", cert.connector.connect(name, tcp))
+        .await
+        .expect("the tls handshake completes within the deadline");
+    assert_eq!(
+        t0.elapsed(),
+        tls_after,
+        "the tls handshake took virtual time"
+    );
+    let (mut rx, mut tx) = tokio::io::split(tls);
+    let head_len = head.len();
+    let trickle = tokio::spawn(async move {
+        let mut sent = 0;
+        for b in head.bytes() {
+            if tx.write_all(&[b]).await.is_err() || tx.flush().await.is_err() {
+                break;
+            }
+            sent += 1;
+            tokio::time::sleep(step).await;
+        }
+        sent
+    });
+    let answer = read_until_closed(&mut rx).await;
+    let closed_after = t0.elapsed();
+    let sent = within("the trickle to stop", trickle)
+        .await
+        .expect("the trickling task does not panic");
+    assert!(sent < head_len, "the whole head went through: {sent} bytes");
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
+        "answered a head it never finished reading: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Cut off at the one deadline, not a fresh timeout after TLS (which would be 7 s).
+    assert!(
+        closed_after >= timeout && closed_after < timeout + step,
+        "closed after {closed_after:?}, {sent} bytes in"
+    );
+    stats_until(&s, "one handshake timeout", |st| {
+        st.rejections.get(RejectReason::HandshakeTimeout) == 1 && st.rejections.total() == 1
+    })
+    .await;
+    // The server still serves over TLS.
+    let mut a = within("a wss handshake", wss(&cert, &s, "/ws/after")).await;
+    let mut b = within("a wss handshake", wss(&cert, &s, "/ws/after")).await;
+    futures_util::SinkExt::send(&mut a, "alive".into())
+        .await
+        .expect("send");
+    assert_eq!(within("a message", next_text(&mut b)).await, "alive");
+    drop((a, b));
+    within("the server to stop", s.stop()).await;
 }
