@@ -1,6 +1,7 @@
 //! TLS and key handling over real sockets: `wss://` and `https://` on one port with a
-//! certificate made at runtime, a plain-text client refused without harm, and ES256 tokens
-//! checked against a PEM public key.
+//! certificate made at runtime, a plain-text client refused without harm, one handshake
+//! deadline for TLS and the request head, and ES256 and RS256 tokens checked against a PEM
+//! public key. Client publishing and JWT grants in general are in `tests/auth.rs`.
 mod common;
 
 use std::sync::Arc;
@@ -252,6 +253,86 @@ async fn tls_and_the_request_head_share_one_handshake_deadline() {
         .await
         .expect("send");
     assert_eq!(within("a message", next_text(&mut b)).await, "alive");
+    drop((a, b));
+    within("the server to stop", s.stop()).await;
+}
+
+/// A committed RSA-2048 pair for tests only (see `tests/data/README.md`): rcgen on ring cannot
+/// generate RSA keys.
+const RS256_TEST_KEY: &[u8] = include_bytes!("data/rs256-test-key.pem");
+const RS256_TEST_PUBLIC_KEY: &[u8] = include_bytes!("data/rs256-test-key.pub.pem");
+
+#[tokio::test]
+async fn rs256_tokens_are_checked_against_a_pem_public_key() {
+    let mut c = config();
+    c.auth.jwt = Some(JwtKey::PublicKeyPem(RS256_TEST_PUBLIC_KEY.to_vec()));
+    let s = start(c).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = |exp: u64| serde_json::json!({"exp": exp, "subscribe": ["t"], "publish": ["t"]});
+    let rs256 = |claims: &serde_json::Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            claims,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(RS256_TEST_KEY).expect("the test RSA key"),
+        )
+        .expect("sign")
+    };
+    let hs256 = |secret: &[u8]| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims(now + 600),
+            &jsonwebtoken::EncodingKey::from_secret(secret),
+        )
+        .expect("sign")
+    };
+    let valid = rs256(&claims(now + 600));
+    // A valid token upgrades, and a message flows between two clients holding it.
+    let mut a = within(
+        "an rs256 upgrade",
+        s.connect(&format!("/ws/t?token={valid}")),
+    )
+    .await;
+    let mut b = within(
+        "an rs256 upgrade",
+        s.connect(&format!("/ws/t?token={valid}")),
+    )
+    .await;
+    send_text(&mut a, "signed with rsa").await;
+    assert_eq!(
+        within("a message", next_text(&mut b)).await,
+        "signed with rsa"
+    );
+    // Past `exp` by far more than the leeway.
+    let expired = rs256(&claims(now - 3600));
+    // The valid token's signature over a payload granting more.
+    let widened = {
+        let parts: Vec<&str> = valid.split('.').collect();
+        let other = rs256(&serde_json::json!({"exp": now + 600, "subscribe": ["*"]}));
+        let payload = other.split('.').nth(1).expect("a payload part");
+        format!("{}.{payload}.{}", parts[0], parts[2])
+    };
+    let upgrade =
+        |t: &str| upgrade_request("GET", &format!("/ws/t?token={t}"), &format!("{KEY}{V13}"));
+    let refused = [
+        ("expired", expired),
+        ("payload changed under the signature", widened),
+        // HS256 must not pass where RS256 is expected: neither with some secret, nor with the
+        // public key itself as the HMAC secret (the algorithm confusion attack).
+        (
+            "hs256 with a secret",
+            hs256(b"test-secret-of-reasonable-length"),
+        ),
+        ("hs256 with the public key", hs256(RS256_TEST_PUBLIC_KEY)),
+    ];
+    for (what, token) in &refused {
+        let (status, text) = within("an HTTP response", s.http(&upgrade(token))).await;
+        assert_eq!(status, 401, "{what}: {text}");
+    }
+    let stats = s.relay.stats().await;
+    assert_eq!(
+        stats.rejections.get(RejectReason::Unauthorized),
+        refused.len() as u64
+    );
     drop((a, b));
     within("the server to stop", s.stop()).await;
 }
