@@ -5,9 +5,10 @@
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{AuthConfig, JwtKey, Secret};
+use crate::config::{AuthConfig, JwtKey};
 use crate::{Error, Topic};
 
 /// Seconds of clock skew tolerated on `exp` and `nbf`.
@@ -107,10 +108,20 @@ impl Access {
     }
 }
 
+/// The SHA-256 digest of an API key: what a presented credential is compared against.
+type KeyDigest = [u8; 32];
+
+fn key_digest(key: &[u8]) -> KeyDigest {
+    Sha256::digest(key).into()
+}
+
 /// The checks built from an [`AuthConfig`]: keys parsed once at start.
 pub struct Auth {
     jwt: Option<Jwt>,
-    api_keys: Box<[Secret]>,
+    /// Digests only: comparing fixed-length digests tells an attacker nothing about a key's
+    /// length, which `ct_eq` on the keys themselves would (it returns early on a length
+    /// mismatch).
+    api_keys: Box<[KeyDigest]>,
     origins: Box<[OriginPattern]>,
 }
 
@@ -138,7 +149,11 @@ impl Auth {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             jwt,
-            api_keys: config.api_keys.clone().into_boxed_slice(),
+            api_keys: config
+                .api_keys
+                .iter()
+                .map(|k| key_digest(k.expose()))
+                .collect(),
             origins,
         })
     }
@@ -202,12 +217,14 @@ impl Auth {
         }
     }
 
-    /// Compares against every key without stopping early, each comparison in constant time.
+    /// Compares the candidate's digest against every key's digest without stopping early, each
+    /// comparison in constant time over 32 bytes, whatever the lengths of the keys.
     fn is_api_key(&self, candidate: &[u8]) -> bool {
+        let candidate = key_digest(candidate);
         self.api_keys
             .iter()
             .fold(subtle::Choice::from(0), |found, key| {
-                found | key.expose().ct_eq(candidate)
+                found | key.ct_eq(&candidate)
             })
             .into()
     }
@@ -311,6 +328,7 @@ impl OriginPattern {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
 
     fn topic(s: &str) -> Topic {
         Topic::new(s).expect("valid topic")
@@ -357,6 +375,38 @@ mod tests {
             };
             assert!(Auth::new(&c).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn api_keys_of_different_lengths_match_only_exactly() {
+        let auth = Auth::new(&AuthConfig {
+            api_keys: vec![
+                Secret::new(b"k".to_vec()),
+                Secret::new(b"a-much-longer-key-of-forty-two-characters".to_vec()),
+            ],
+            ..AuthConfig::default()
+        })
+        .expect("valid auth");
+        let t = topic("any");
+        assert_eq!(auth.publisher(Some("k"), &t), Ok(()));
+        let long = "a-much-longer-key-of-forty-two-characters";
+        assert_eq!(auth.publisher(Some(long), &t), Ok(()));
+        // Prefixes, extensions and a different length of the same bytes are all refused.
+        for wrong in [
+            "kk",
+            "K",
+            "a-much-longer-key",
+            "a-much-longer-key-of-forty-two-characters!",
+            "a-much-longer-key-of-forty-two-characterz",
+        ] {
+            assert_eq!(
+                auth.publisher(Some(wrong), &t),
+                Err(Denied::Invalid),
+                "{wrong}"
+            );
+        }
+        assert!(!auth.is_api_key(b""));
+        assert!(!auth.is_api_key(&[b'k'; 1000]));
     }
 
     #[test]

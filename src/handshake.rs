@@ -67,10 +67,13 @@ pub enum RejectReason {
     HeadersTooLarge,
     HandshakeTimeout,
     TlsHandshake,
+    /// A request head hyper could not parse (bad request line, header bytes or version);
+    /// hyper answers 400 itself, or nothing to an HTTP/2 preface.
+    BadRequest,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 17] = [
+    pub const ALL: [RejectReason; 18] = [
         Self::NotFound,
         Self::MethodNotAllowed,
         Self::BadTopic,
@@ -88,6 +91,7 @@ impl RejectReason {
         Self::HeadersTooLarge,
         Self::HandshakeTimeout,
         Self::TlsHandshake,
+        Self::BadRequest,
     ];
 
     /// The label used in logs and metrics.
@@ -110,6 +114,7 @@ impl RejectReason {
             Self::HeadersTooLarge => "headers_too_large",
             Self::HandshakeTimeout => "handshake_timeout",
             Self::TlsHandshake => "tls_handshake",
+            Self::BadRequest => "bad_request",
         }
     }
 }
@@ -452,6 +457,18 @@ mod tests {
             client_publish: true,
             max_message_bytes: 1024,
         }
+    }
+
+    #[test]
+    fn every_reason_has_its_own_slot_and_label() {
+        // The counters index by discriminant, so `ALL` must list the variants in order.
+        for (i, why) in RejectReason::ALL.into_iter().enumerate() {
+            assert_eq!(why as usize, i, "{why:?}");
+        }
+        let labels: std::collections::HashSet<_> =
+            RejectReason::ALL.iter().map(|w| w.as_str()).collect();
+        assert_eq!(labels.len(), RejectReason::ALL.len());
+        assert_eq!(RejectReason::BadRequest.as_str(), "bad_request");
     }
 
     #[test]

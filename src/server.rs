@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::Auth;
@@ -272,12 +273,16 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let relay = relay.clone();
+                let timeout = relay.config().handshake_timeout;
                 match &tls {
                     None => {
-                        tokio::spawn(serve_http(TokioIo::new(stream), peer, relay, endpoint));
+                        let io = TokioIo::new(stream);
+                        tokio::spawn(serve_http(io, peer, relay, endpoint, timeout));
                     }
                     Some(acceptor) => {
-                        tokio::spawn(serve_tls(acceptor.clone(), stream, peer, relay));
+                        // No overflow: `Config::validate` caps the timeout at 24 hours.
+                        let deadline = Instant::now() + timeout;
+                        tokio::spawn(serve_tls(acceptor.clone(), stream, peer, relay, deadline));
                     }
                 }
             }
@@ -292,18 +297,25 @@ async fn accept_loop(
 
 /// Serves HTTP/1.1 on one connection. `io` is a TCP stream or, behind TLS, a local socket;
 /// `conn.rs` takes either back after an upgrade.
-async fn serve_http<I>(io: TokioIo<I>, peer: SocketAddr, relay: Relay, endpoint: Endpoint)
-where
+///
+/// `head_timeout` bounds the reading of each request head: `--handshake-timeout` on plain
+/// TCP, and behind TLS what the TLS handshake left of it (see [`serve_tls`]).
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    relay: Relay,
+    endpoint: Endpoint,
+    head_timeout: Duration,
+) where
     TokioIo<I>: Read + Write + Unpin + Send + 'static,
 {
-    let timeout = relay.config().handshake_timeout;
     let service = {
         let relay = relay.clone();
         service_fn(move |req| crate::http::handle(req, relay.clone(), peer, endpoint))
     };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
+        .header_read_timeout(head_timeout)
         .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(io, service)
@@ -311,6 +323,8 @@ where
     if let Err(e) = conn.await {
         if e.is_parse_too_large() {
             relay.reject(RejectReason::HeadersTooLarge);
+        } else if e.is_parse() {
+            relay.reject(RejectReason::BadRequest);
         } else if e.is_timeout() {
             relay.reject(RejectReason::HandshakeTimeout);
         }
@@ -318,16 +332,24 @@ where
     }
 }
 
-/// Terminates TLS (within the handshake timeout), then serves HTTP on the plain side.
+/// Terminates TLS, then serves HTTP on the plain side. `deadline` (the accept plus
+/// `--handshake-timeout`) is one budget for the TLS handshake and the first request head
+/// together, so a client trickling both is cut off once, not after twice the timeout.
+///
+/// Hyper's head timeout is a duration applied to every head on the connection, so keep-alive
+/// requests after the first get the same remaining budget: the timeout less the time TLS took.
 async fn serve_tls(
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     relay: Relay,
+    deadline: Instant,
 ) {
-    let timeout = relay.config().handshake_timeout;
-    match tokio::time::timeout(timeout, crate::tls::accept(&acceptor, tcp)).await {
-        Ok(Some(plain)) => serve_http(TokioIo::new(plain), peer, relay, Endpoint::Main).await,
+    match tokio::time::timeout_at(deadline, crate::tls::accept(&acceptor, tcp)).await {
+        Ok(Some(plain)) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            serve_http(TokioIo::new(plain), peer, relay, Endpoint::Main, left).await
+        }
         Ok(None) => relay.reject(RejectReason::TlsHandshake),
         Err(_) => {
             relay.reject(RejectReason::HandshakeTimeout);

@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::SinkExt;
-use shardcast::{AuthConfig, Config, DisconnectReason, JwtKey, RejectReason, Secret};
+use shardcast::{
+    AuthConfig, Config, DisconnectReason, JwtKey, Opcode, RejectReason, Secret, Topic,
+};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &[u8] = b"test-secret-of-reasonable-length";
@@ -239,41 +243,97 @@ async fn the_per_address_limit_gives_429_and_frees_on_close() {
     s.stop().await;
 }
 
+/// `n` text frames `{prefix}0`, `{prefix}1`, .. in one write: they reach the server's reader
+/// together, so it sees them at one instant of a paused clock.
+fn texts(prefix: &str, n: usize) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| client_frame(true, OP_TEXT, format!("{prefix}{i}").as_bytes()))
+        .collect()
+}
+
+/// The next `n` messages at `ws` are `{prefix}0`, `{prefix}1`, ..
+async fn expect_texts(ws: &mut Ws, prefix: &str, n: usize) {
+    for i in 0..n {
+        let got = within("a message at the watcher", next_data(ws)).await;
+        assert_eq!(got, Message::text(format!("{prefix}{i}")));
+    }
+}
+
+/// The server's close frame on a raw socket as (code, reason), after which the server must
+/// end the connection and send nothing more. Bounded by `WAIT`.
+async fn raw_close_then_end(s: &mut TcpStream) -> (u16, String) {
+    let payload = within("the server's close frame", async {
+        loop {
+            match read_server_frame(s).await {
+                Some((OP_CLOSE, p)) => return p,
+                Some(_) => continue,
+                None => panic!("connection ended without a close frame"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        payload.len() >= 2,
+        "close frame without a code: {payload:?}"
+    );
+    let code = u16::from_be_bytes([payload[0], payload[1]]);
+    let reason = String::from_utf8(payload[2..].to_vec()).expect("a UTF-8 close reason");
+    let after = read_until_closed(s).await;
+    assert!(after.is_empty(), "bytes after the close frame: {after:?}");
+    (code, reason)
+}
+
+/// A paused clock: time moves only by `advance`, or by the runtime jumping to the next timer
+/// when every task waits; the test bounds the latter.
 #[tokio::test(start_paused = true)]
 async fn publishing_faster_than_the_rate_closes_with_1008() {
+    const RATE: u32 = 3;
+    let exceeded = (1008, "publish rate exceeded".to_string());
     let s = start(Config {
-        client_publish_rate: Some(3),
+        client_publish_rate: Some(RATE),
         ..config()
     })
     .await;
-    let mut watcher = s.connect("/ws/rate").await;
-    let mut fast = raw_ws(s.addr, "/ws/rate").await;
-    // Four messages in one write reach the reader together, at one instant of (paused) time.
-    let burst: Vec<u8> = (0..4)
-        .flat_map(|i| client_frame(true, 0x1, format!("m{i}").as_bytes()))
-        .collect();
-    raw_send(&mut fast, &burst).await;
-    assert_eq!(raw_close_code(&mut fast).await, 1008);
-    for i in 0..3 {
-        assert_eq!(
-            next_data(&mut watcher).await.into_text().unwrap(),
-            format!("m{i}")
-        );
-    }
-    // After a second the burst is back.
+    let mut watcher = within("the watcher's handshake", s.connect("/ws/rate")).await;
+
+    // One more than the burst at one instant: the burst goes out, the extra one closes.
+    let mut fast = within("a raw client's handshake", raw_ws(s.addr, "/ws/rate")).await;
+    raw_send(&mut fast, &texts("m", RATE as usize + 1)).await;
+    assert_eq!(raw_close_then_end(&mut fast).await, exceeded);
+    expect_texts(&mut watcher, "m", RATE as usize).await;
+    drop(fast);
+
+    // Refill, on one connection: the burst empties its bucket, one second gives the whole
+    // burst back, and no more than that.
+    let mut steady = within("a raw client's handshake", raw_ws(s.addr, "/ws/rate")).await;
+    let t0 = Instant::now();
+    raw_send(&mut steady, &texts("a", RATE as usize)).await;
+    expect_texts(&mut watcher, "a", RATE as usize).await;
     tokio::time::advance(Duration::from_secs(1)).await;
-    let mut again = raw_ws(s.addr, "/ws/rate").await;
-    let three: Vec<u8> = (0..3)
-        .flat_map(|i| client_frame(true, 0x1, format!("n{i}").as_bytes()))
-        .collect();
-    raw_send(&mut again, &three).await;
-    for i in 0..3 {
-        assert_eq!(
-            next_data(&mut watcher).await.into_text().unwrap(),
-            format!("n{i}")
-        );
-    }
-    let stats = s.relay.stats().await;
-    assert_eq!(stats.disconnects.get(DisconnectReason::RateLimited), 1);
-    s.stop().await;
+    raw_send(&mut steady, &texts("b", RATE as usize + 1)).await;
+    expect_texts(&mut watcher, "b", RATE as usize).await;
+    assert_eq!(raw_close_then_end(&mut steady).await, exceeded);
+    // Beyond the advance, the clock moved less than one message's interval: without the
+    // one-second period not even "b0" would have had an allowance.
+    let drift = t0.elapsed() - Duration::from_secs(1);
+    assert!(
+        drift < Duration::from_secs(1) / RATE,
+        "the clock drifted {drift:?} past the advance"
+    );
+    drop(steady);
+
+    // Neither refused message was broadcast: a marker published now is the next thing seen.
+    let topic = Topic::new("rate").expect("a valid topic name");
+    s.relay
+        .publish(&topic, Opcode::Text, b"marker")
+        .await
+        .expect("the relay accepts a publish");
+    assert_eq!(
+        within("the marker", next_data(&mut watcher)).await,
+        Message::text("marker")
+    );
+    let stats = stats_until(&s, "both fast clients freed", |st| st.connections == 1).await;
+    assert_eq!(stats.disconnects.get(DisconnectReason::RateLimited), 2);
+    drop(watcher);
+    within("the server to stop", s.stop()).await;
 }

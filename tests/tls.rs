@@ -1,15 +1,18 @@
 //! TLS and key handling over real sockets: `wss://` and `https://` on one port with a
-//! certificate made at runtime, a plain-text client refused without harm, and ES256 tokens
-//! checked against a PEM public key.
+//! certificate made at runtime, a plain-text client refused without harm, one handshake
+//! deadline for TLS and the request head, and ES256 and RS256 tokens checked against a PEM
+//! public key. Client publishing and JWT grants in general are in `tests/auth.rs`.
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
-use shardcast::{Config, JwtKey, TlsConfig};
+use shardcast::{Config, JwtKey, RejectReason, TlsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -176,4 +179,160 @@ async fn es256_tokens_are_checked_against_a_pem_public_key() {
     .expect("sign");
     assert_eq!(s.http(&upgrade(hs)).await.0, 401);
     s.stop().await;
+}
+
+/// A paused clock: the runtime jumps to the next timer whenever every task waits, so nothing
+/// sleeps for real and the timeout arithmetic is exact.
+#[tokio::test(start_paused = true)]
+async fn tls_and_the_request_head_share_one_handshake_deadline() {
+    let timeout = Duration::from_secs(4);
+    // The client spends most of the budget before its TLS handshake...
+    let tls_after = Duration::from_secs(3);
+    // ...then sends the head a byte every half second: each byte in time, the head never.
+    let step = Duration::from_millis(500);
+    let cert = certificate();
+    let s = start(Config {
+        tls: Some(cert.tls.clone()),
+        handshake_timeout: timeout,
+        ..config()
+    })
+    .await;
+    let head = upgrade_request("GET", "/ws/slow", &format!("{KEY}{V13}"));
+    assert!(step * head.len() as u32 > timeout * 10);
+    let t0 = Instant::now();
+    let tcp = within("connect", TcpStream::connect(s.addr))
+        .await
+        .expect("connect to the test server");
+    tokio::time::sleep(tls_after).await;
+    let name = ServerName::try_from("localhost").expect("server name");
+    let tls = within("the tls handshake", cert.connector.connect(name, tcp))
+        .await
+        .expect("the tls handshake completes within the deadline");
+    assert_eq!(
+        t0.elapsed(),
+        tls_after,
+        "the tls handshake took virtual time"
+    );
+    let (mut rx, mut tx) = tokio::io::split(tls);
+    let head_len = head.len();
+    let trickle = tokio::spawn(async move {
+        let mut sent = 0;
+        for b in head.bytes() {
+            if tx.write_all(&[b]).await.is_err() || tx.flush().await.is_err() {
+                break;
+            }
+            sent += 1;
+            tokio::time::sleep(step).await;
+        }
+        sent
+    });
+    let answer = read_until_closed(&mut rx).await;
+    let closed_after = t0.elapsed();
+    let sent = within("the trickle to stop", trickle)
+        .await
+        .expect("the trickling task does not panic");
+    assert!(sent < head_len, "the whole head went through: {sent} bytes");
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
+        "answered a head it never finished reading: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Cut off at the one deadline, not a fresh timeout after TLS (which would be 7 s).
+    assert!(
+        closed_after >= timeout && closed_after < timeout + step,
+        "closed after {closed_after:?}, {sent} bytes in"
+    );
+    stats_until(&s, "one handshake timeout", |st| {
+        st.rejections.get(RejectReason::HandshakeTimeout) == 1 && st.rejections.total() == 1
+    })
+    .await;
+    // The server still serves over TLS.
+    let mut a = within("a wss handshake", wss(&cert, &s, "/ws/after")).await;
+    let mut b = within("a wss handshake", wss(&cert, &s, "/ws/after")).await;
+    futures_util::SinkExt::send(&mut a, "alive".into())
+        .await
+        .expect("send");
+    assert_eq!(within("a message", next_text(&mut b)).await, "alive");
+    drop((a, b));
+    within("the server to stop", s.stop()).await;
+}
+
+/// A committed RSA-2048 pair for tests only (see `tests/data/README.md`): rcgen on ring cannot
+/// generate RSA keys.
+const RS256_TEST_KEY: &[u8] = include_bytes!("data/rs256-test-key.pem");
+const RS256_TEST_PUBLIC_KEY: &[u8] = include_bytes!("data/rs256-test-key.pub.pem");
+
+#[tokio::test]
+async fn rs256_tokens_are_checked_against_a_pem_public_key() {
+    let mut c = config();
+    c.auth.jwt = Some(JwtKey::PublicKeyPem(RS256_TEST_PUBLIC_KEY.to_vec()));
+    let s = start(c).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = |exp: u64| serde_json::json!({"exp": exp, "subscribe": ["t"], "publish": ["t"]});
+    let rs256 = |claims: &serde_json::Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            claims,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(RS256_TEST_KEY).expect("the test RSA key"),
+        )
+        .expect("sign")
+    };
+    let hs256 = |secret: &[u8]| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims(now + 600),
+            &jsonwebtoken::EncodingKey::from_secret(secret),
+        )
+        .expect("sign")
+    };
+    let valid = rs256(&claims(now + 600));
+    // A valid token upgrades, and a message flows between two clients holding it.
+    let mut a = within(
+        "an rs256 upgrade",
+        s.connect(&format!("/ws/t?token={valid}")),
+    )
+    .await;
+    let mut b = within(
+        "an rs256 upgrade",
+        s.connect(&format!("/ws/t?token={valid}")),
+    )
+    .await;
+    send_text(&mut a, "signed with rsa").await;
+    assert_eq!(
+        within("a message", next_text(&mut b)).await,
+        "signed with rsa"
+    );
+    // Past `exp` by far more than the leeway.
+    let expired = rs256(&claims(now - 3600));
+    // The valid token's signature over a payload granting more.
+    let widened = {
+        let parts: Vec<&str> = valid.split('.').collect();
+        let other = rs256(&serde_json::json!({"exp": now + 600, "subscribe": ["*"]}));
+        let payload = other.split('.').nth(1).expect("a payload part");
+        format!("{}.{payload}.{}", parts[0], parts[2])
+    };
+    let upgrade =
+        |t: &str| upgrade_request("GET", &format!("/ws/t?token={t}"), &format!("{KEY}{V13}"));
+    let refused = [
+        ("expired", expired),
+        ("payload changed under the signature", widened),
+        // HS256 must not pass where RS256 is expected: neither with some secret, nor with the
+        // public key itself as the HMAC secret (the algorithm confusion attack).
+        (
+            "hs256 with a secret",
+            hs256(b"test-secret-of-reasonable-length"),
+        ),
+        ("hs256 with the public key", hs256(RS256_TEST_PUBLIC_KEY)),
+    ];
+    for (what, token) in &refused {
+        let (status, text) = within("an HTTP response", s.http(&upgrade(token))).await;
+        assert_eq!(status, 401, "{what}: {text}");
+    }
+    let stats = s.relay.stats().await;
+    assert_eq!(
+        stats.rejections.get(RejectReason::Unauthorized),
+        refused.len() as u64
+    );
+    drop((a, b));
+    within("the server to stop", s.stop()).await;
 }

@@ -581,6 +581,56 @@ async fn request_head_over_16_kib_gets_431() {
         .await;
 }
 
+#[tokio::test]
+async fn malformed_request_heads_get_400_and_are_counted() {
+    let scene = Scene::start(config()).await;
+    let requests = [
+        // Not a request line at all.
+        "\x01\x02 garbage\r\n\r\n".to_string(),
+        // An HTTP version hyper does not speak.
+        format!("GET {WS_PATH} HTTP/9.9\r\nHost: x\r\n\r\n"),
+        // A space inside a header name.
+        upgrade_request("GET", WS_PATH, &format!("{KEY}{V13}Bad Name: y\r\n")),
+        // A control byte inside a header value.
+        upgrade_request("GET", WS_PATH, &format!("{KEY}{V13}X-Bad: a\x01b\r\n")),
+    ];
+    for (i, req) in requests.iter().enumerate() {
+        let (status, text) = scene.http(req).await;
+        assert_eq!(status, 400, "{req:?} got {text:?}");
+        // Each is counted once, as a bad request and as nothing else.
+        let want = i as u64 + 1;
+        stats_until(&scene.s, &format!("{want} bad requests"), |st| {
+            st.rejections.get(RejectReason::BadRequest) == want && st.rejections.total() == want
+        })
+        .await;
+    }
+    // An HTTP/2 preface on this HTTP/1.1 port: hyper answers nothing and closes.
+    let mut h2 = within("connect", TcpStream::connect(scene.s.addr))
+        .await
+        .expect("connect to the test server");
+    raw_send(&mut h2, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let answer = read_until_closed(&mut h2).await;
+    assert!(
+        answer.is_empty(),
+        "answered an HTTP/2 preface: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(h2);
+    let n = requests.len() as u64 + 1;
+    stats_until(&scene.s, &format!("{n} bad requests"), |st| {
+        st.rejections.get(RejectReason::BadRequest) == n
+    })
+    .await;
+    // The counter reaches the metrics under its own label.
+    let (status, metrics) = scene
+        .http("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(status, 200, "{metrics}");
+    let line = format!("shardcast_handshake_rejections_total{{reason=\"bad_request\"}} {n}\n");
+    assert!(metrics.contains(&line), "{line:?} missing from:\n{metrics}");
+    scene.finish(&[], &[(RejectReason::BadRequest, n)]).await;
+}
+
 /// A paused clock: the runtime jumps to the next timer whenever every task waits, so nothing
 /// sleeps for real and the timeout arithmetic is exact to a shard tick (100 ms at most).
 #[tokio::test(start_paused = true)]
