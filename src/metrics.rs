@@ -280,6 +280,11 @@ fn encode_bus(enc: &mut DescriptorEncoder, b: &crate::BusStats) -> std::fmt::Res
             b.dropped_disconnected,
         ),
         (
+            "bus_dropped_full",
+            "Messages delivered locally only because the bus queue was full (broker slow or stalled)",
+            b.dropped_full,
+        ),
+        (
             "bus_rejected",
             "Messages from the broker that were unreadable, for no known topic, or lost by a lagging reader",
             b.rejected,
@@ -358,6 +363,7 @@ mod tests {
             "shardcast_bus_received_total",
             "shardcast_bus_dropped_own_total",
             "shardcast_bus_dropped_disconnected_total",
+            "shardcast_bus_dropped_full_total",
             "shardcast_bus_rejected_total",
             "shardcast_bus_stall_detected_total",
             "shardcast_bus_round_trip_seconds_bucket",

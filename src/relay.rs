@@ -260,7 +260,8 @@ impl Relay {
     }
 
     /// [`Relay::publish`], counted under `source`: local delivery first, then, unless the
-    /// message came from the bus, the bus (awaiting while its queue is full).
+    /// message came from the bus, the bus. Handing to the bus never waits: with its queue
+    /// full the bus copy is dropped and counted, so the broker never delays local delivery.
     pub(crate) async fn publish_from(
         &self,
         source: Source,
@@ -272,7 +273,7 @@ impl Relay {
         if source != Source::Bus
             && let Some(bus) = &self.shared.bus
         {
-            bus.send(topic, opcode, payload).await;
+            bus.send(topic, opcode, payload);
         }
         Ok(queued)
     }

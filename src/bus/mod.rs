@@ -6,14 +6,16 @@
 //! `envelope.rs`; local delivery stays in `relay.rs` and `shard.rs`.
 //!
 //! Flow: `Relay::publish_from` delivers locally, then queues an envelope on [`Bus::send`]'s
-//! bounded channel (awaiting when it is full). The bus task drains that channel and publishes
-//! what it holds as one pipeline. A session's reader task decodes what the broker delivers,
+//! bounded channel, never waiting: when it is full (the broker is slow, stalled or away and
+//! the bus task has not yet given the session up) the bus copy is dropped and counted in
+//! `dropped_full`, so local delivery never pauses for the broker. The bus task drains that
+//! channel and publishes what it holds as one pipeline. A session's reader task decodes what the broker delivers,
 //! drops the node's own messages, and calls `publish_from` with `Source::Bus`, which delivers
 //! locally and never re-sends.
 //!
 //! Delivery across nodes is at-most-once across a broker outage: a message published while
 //! the node has no broker connection reaches local subscribers only, and is counted in
-//! `dropped_disconnected`.
+//! `dropped_disconnected` (or `dropped_full` if it found the queue full).
 
 #[doc(hidden)]
 pub mod envelope;
@@ -43,7 +45,9 @@ pub const DEFAULT_PREFIX: &str = "shardcast";
 /// How often a node sends its stall probe when the configuration does not say.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Envelopes waiting for the bus task. Full means publishers wait (back-pressure), never loss.
+/// Envelopes waiting for the bus task. Full means the bus copy of a message is dropped (and
+/// counted): publishers never wait on the broker. Sized to ride out a few round trips of a
+/// busy broker (about 8 pipelines of [`PUBLISH_BATCH`]).
 const OUT_CAPACITY: usize = 4096;
 /// Interest changes waiting for the bus task. Full sets [`Bus::rescan`] instead of waiting.
 const CHANGES_CAPACITY: usize = 4096;
@@ -220,6 +224,9 @@ pub struct BusStats {
     /// Messages not sent to the broker because no session was up (or the send failed):
     /// delivered locally only.
     pub dropped_disconnected: u64,
+    /// Messages not sent to the broker because the bus queue was full (the broker slower
+    /// than the publishers, or a session hung on a command): delivered locally only.
+    pub dropped_full: u64,
     /// Received bytes that were not a readable envelope for a known topic.
     pub rejected: u64,
     /// Silent stalls: a probe that did not come back in time, or a command not answered
@@ -240,6 +247,7 @@ impl Default for BusStats {
             received: 0,
             dropped_own: 0,
             dropped_disconnected: 0,
+            dropped_full: 0,
             rejected: 0,
             stall_detected: 0,
             subscriptions: 0,
@@ -258,8 +266,11 @@ struct Outgoing {
 pub(crate) struct Bus {
     /// This process's id in every envelope it sends; messages carrying it are its own.
     node: u128,
-    /// Publishers' envelopes, in publish order. Bounded: a full queue makes publishers wait.
+    /// Publishers' envelopes, in publish order. Bounded: when it is full the envelope is
+    /// dropped and counted in `dropped_full`; a publisher never waits on it.
     out: mpsc::Sender<Outgoing>,
+    /// Set while the queue is refusing envelopes, so the drop is logged once per episode.
+    shedding: AtomicBool,
     /// Topics whose interest entry a shard just created or removed. A shard never waits on
     /// it: when it is full the shard sets `rescan` instead.
     changes: mpsc::Sender<Topic>,
@@ -280,6 +291,7 @@ pub(crate) struct Bus {
     received: AtomicU64,
     dropped_own: AtomicU64,
     dropped_disconnected: AtomicU64,
+    dropped_full: AtomicU64,
     rejected: AtomicU64,
     stall_detected: AtomicU64,
     /// Observed once per probe (every few seconds), never per message.
@@ -301,6 +313,7 @@ impl Bus {
         let bus = Arc::new(Self {
             node: rand::random(),
             out,
+            shedding: AtomicBool::new(false),
             changes,
             rescan: AtomicBool::new(false),
             connected: AtomicBool::new(false),
@@ -311,6 +324,7 @@ impl Bus {
             received: AtomicU64::new(0),
             dropped_own: AtomicU64::new(0),
             dropped_disconnected: AtomicU64::new(0),
+            dropped_full: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             stall_detected: AtomicU64::new(0),
             round_trip: Mutex::new(Histogram::new(BUS_RTT_BOUNDS)),
@@ -325,16 +339,39 @@ impl Bus {
         )
     }
 
-    /// Queues a locally published message for the other nodes. Awaits while the queue is
-    /// full; does nothing once the bus task has stopped.
-    pub(crate) async fn send(&self, topic: &Topic, opcode: Opcode, payload: &[u8]) {
+    /// Queues a locally published message for the other nodes. Never waits: when the queue
+    /// is full the message is not sent to the broker (it has already reached this node's
+    /// subscribers) and is counted in `dropped_full`. Does nothing once the bus task has
+    /// stopped (shutdown).
+    pub(crate) fn send(&self, topic: &Topic, opcode: Opcode, payload: &[u8]) {
         let envelope = envelope::encode(self.node, Kind::of(opcode), payload);
         let msg = Outgoing {
             topic: topic.clone(),
             envelope,
         };
-        // Fails only when the bus task has ended (shutdown): nothing is left to send to.
-        let _ = self.out.send(msg).await;
+        match self.out.try_send(msg) {
+            Ok(()) => {
+                // A plain load first: the swap's write happens once per episode, not per message.
+                if self.shedding.load(Ordering::Relaxed)
+                    && self.shedding.swap(false, Ordering::Relaxed)
+                {
+                    tracing::debug!(
+                        "bus queue accepting again; messages reach the other nodes again"
+                    );
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.dropped_full.fetch_add(1, Ordering::Relaxed);
+                if !self.shedding.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(
+                        capacity = OUT_CAPACITY,
+                        "bus queue full (broker slow or stalled); messages reach local subscribers only, counted in shardcast_bus_dropped_full_total"
+                    );
+                }
+            }
+            // The bus task has ended (shutdown): nothing is left to send to.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     /// Called by a shard when it creates or removes `topic`'s interest entry. Never waits.
@@ -388,6 +425,7 @@ impl Bus {
             received: n(&self.received),
             dropped_own: n(&self.dropped_own),
             dropped_disconnected: n(&self.dropped_disconnected),
+            dropped_full: n(&self.dropped_full),
             rejected: n(&self.rejected),
             stall_detected: n(&self.stall_detected),
             subscriptions: lock(&self.subscribed).len(),

@@ -13,6 +13,7 @@ use fred::prelude::{
 };
 use fred::types::{ConnectHandle, Value};
 use std::collections::BTreeMap;
+use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
@@ -64,7 +65,10 @@ impl Session {
                     c.max_command_attempts = 1;
                 })
                 .with_performance_config(|p| {
-                    p.default_command_timeout = COMMAND_TIMEOUT;
+                    // No fred timeout: the bus task bounds every command itself and counts
+                    // one left unanswered as a stall. A fred timeout, firing first, would end
+                    // the session as a plain command failure and hide the stall.
+                    p.default_command_timeout = Duration::ZERO;
                     p.broadcast_channel_capacity = events;
                 });
             builder.build().map_err(|e| fail(reason(e)))
