@@ -97,18 +97,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDCAST_CLIENT_PUBLISH_RATE", value_parser = clap::value_parser!(u32).range(1..))]
     pub client_publish_rate: Option<u32>,
     /// HS256 secret for client JWTs. Prefer the file or the variable: flags show in `ps`.
-    #[arg(
-        long,
-        env = "SHARDCAST_JWT_SECRET",
-        hide_env_values = true,
-        group = "jwt"
-    )]
+    // The three JWT flags are one setting with three spellings: not a clap group, because a
+    // flag must beat a variable of another spelling (`with_file`); `into_config` refuses two.
+    #[arg(long, env = "SHARDCAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// File holding the HS256 secret for client JWTs (a trailing newline is ignored).
-    #[arg(long, env = "SHARDCAST_JWT_SECRET_FILE", group = "jwt")]
+    #[arg(long, env = "SHARDCAST_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
     /// PEM public key that verifies client JWTs: RSA for RS256, EC P-256 for ES256.
-    #[arg(long, env = "SHARDCAST_JWT_PUBLIC_KEY", group = "jwt")]
+    #[arg(long, env = "SHARDCAST_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
     /// Bearer key that may POST /publish to any topic (repeatable; comma-separated in the variable).
     #[arg(
@@ -124,11 +121,13 @@ pub struct ServeArgs {
     /// Origin allowed to open a WebSocket: exact, or https://*.example.com (repeatable) [default: any].
     #[arg(long, env = "SHARDCAST_ALLOWED_ORIGIN", value_delimiter = ',')]
     pub allowed_origin: Vec<String>,
+    // Not `requires`: each half may come from the flag, the variable or the file, so the
+    // pair is checked once they are merged (`into_config`).
     /// PEM certificate chain: serve wss:// and https:// (needs --tls-key).
-    #[arg(long, env = "SHARDCAST_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "SHARDCAST_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for --tls-cert.
-    #[arg(long, env = "SHARDCAST_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "SHARDCAST_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// Join other nodes through a broker: redis://host:port, redis+cluster://host:port,host:port or nats://host:port [default: standalone].
     #[arg(long, env = "SHARDCAST_BUS")]
@@ -164,7 +163,27 @@ fn positive_size(s: &str) -> Result<usize, String> {
 impl ServeArgs {
     /// Fills in what flags and environment left at their defaults from the `--config` file,
     /// if one is named. `matches` are the ones these arguments were parsed from.
+    ///
+    /// The JWT key is one setting with three spellings (`--jwt-secret`, `--jwt-secret-file`,
+    /// `--jwt-public-key`): a spelling given as a flag drops those only set in the environment,
+    /// and one given by either drops the file's.
     pub fn with_file(mut self, matches: &clap::ArgMatches) -> Result<Self, crate::Error> {
+        use clap::parser::ValueSource::CommandLine;
+        let from_flag = |id| matches.value_source(id) == Some(CommandLine);
+        if ["jwt_secret", "jwt_secret_file", "jwt_public_key"]
+            .into_iter()
+            .any(from_flag)
+        {
+            if !from_flag("jwt_secret") {
+                self.jwt_secret = None;
+            }
+            if !from_flag("jwt_secret_file") {
+                self.jwt_secret_file = None;
+            }
+            if !from_flag("jwt_public_key") {
+                self.jwt_public_key = None;
+            }
+        }
         if let Some(path) = self.config.clone() {
             crate::config_file::load(&path)?.apply(&mut self, matches);
         }
@@ -178,6 +197,20 @@ impl ServeArgs {
 
     /// Turns parsed flags into a validated configuration.
     pub fn into_config(self) -> Result<Config, crate::Error> {
+        let jwt_keys = [
+            self.jwt_secret.is_some().then_some("--jwt-secret"),
+            self.jwt_secret_file
+                .is_some()
+                .then_some("--jwt-secret-file"),
+            self.jwt_public_key.is_some().then_some("--jwt-public-key"),
+        ];
+        let jwt_keys: Vec<&str> = jwt_keys.into_iter().flatten().collect();
+        if jwt_keys.len() > 1 {
+            return Err(crate::Error::Config(format!(
+                "{} set the same JWT key: give one of them",
+                jwt_keys.join(" and ")
+            )));
+        }
         let jwt = if let Some(secret) = self.jwt_secret {
             Some(JwtKey::Hs256(Secret::new(secret.into_bytes())))
         } else if let Some(path) = &self.jwt_secret_file {
@@ -208,7 +241,13 @@ impl ServeArgs {
         }
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
-            _ => None, // clap requires both or neither
+            (None, None) => None,
+            (Some(_), None) => return Err(crate::Error::Config(
+                "--tls-cert needs --tls-key (flag, SHARDCAST_TLS_KEY or tls-key in the --config file)".into(),
+            )),
+            (None, Some(_)) => return Err(crate::Error::Config(
+                "--tls-key needs --tls-cert (flag, SHARDCAST_TLS_CERT or tls-cert in the --config file)".into(),
+            )),
         };
         let config = Config {
             listen: self.listen,
@@ -251,25 +290,139 @@ impl ServeArgs {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<Config, String> {
-        let cli = Cli::try_parse_from(std::iter::once("shardcast").chain(args.iter().copied()))
+    /// The flags of `args`, as `main` resolves them (with any `--config` file), with the
+    /// `SHARDCAST_*` variables of the shell running the tests ignored.
+    fn serve_args(args: &[&str]) -> Result<ServeArgs, String> {
+        use clap::{CommandFactory, FromArgMatches};
+        let no_env = |a: clap::Arg| a.env(None::<&'static str>);
+        let matches = Cli::command()
+            .mut_args(no_env)
+            .mut_subcommands(|s| s.mut_args(no_env))
+            .try_get_matches_from(std::iter::once("shardcast").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
+        let cli = Cli::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+        let sub = matches.subcommand().map_or(&matches, |(_, m)| m);
         let serve = match cli.command {
             Some(Command::Serve(s) | Command::Config(s)) => s,
             None => cli.serve,
             Some(other) => return Err(format!("not serve: {other:?}")),
         };
-        serve.into_config().map_err(|e| e.to_string())
+        serve.with_file(sub).map_err(|e| e.to_string())
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        serve_args(args)?.into_config().map_err(|e| e.to_string())
     }
 
     #[test]
     fn no_arguments_gives_the_embedded_defaults() {
-        // Environment variables could leak in from the shell running the tests; clap reads them.
-        if std::env::vars().any(|(k, _)| k.starts_with("SHARDCAST_")) {
-            return;
+        // The values of the README's table, spelled out rather than taken from `Config::default`.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let documented = Config {
+            listen: "127.0.0.1:8080".parse().expect("address"),
+            shards: cores.min(256),
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(10),
+            max_message_bytes: 65536,
+            send_queue_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+            client_publish: true,
+            drain_timeout: Duration::from_secs(10),
+            drain_delay: Duration::from_secs(5),
+            metrics_listen: None,
+            log_format: LogFormat::Text,
+            handshake_timeout: Duration::from_secs(10),
+            max_connections_per_ip: None,
+            client_publish_rate: None,
+            auth: AuthConfig {
+                jwt: None,
+                api_keys: Vec::new(),
+                allowed_origins: Vec::new(),
+            },
+            tls: None,
+            bus: None,
+        };
+        assert_eq!(parse(&[]).unwrap(), documented);
+        assert_eq!(parse(&["serve"]).unwrap(), documented);
+        assert_eq!(Config::default(), documented);
+    }
+
+    fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write test file");
+        path.to_str().expect("utf-8 path").to_string()
+    }
+
+    fn keys(c: &Config) -> Vec<&[u8]> {
+        c.auth.api_keys.iter().map(Secret::expose).collect()
+    }
+
+    #[test]
+    fn api_keys_come_from_repeated_flags_and_a_file() {
+        let c = parse(&["--api-key", "one", "--api-key", "two"]).unwrap();
+        assert_eq!(keys(&c), [&b"one"[..], b"two"]);
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = write(
+            &dir,
+            "keys",
+            "# publishers\nfile-one\n\n  file-two  \r\n#retired-key\n",
+        );
+        let c = parse(&["--api-key", "flag", "--api-key-file", &file]).unwrap();
+        assert_eq!(keys(&c), [&b"flag"[..], b"file-one", b"file-two"]);
+        let err = parse(&["--api-key-file", "/nonexistent/keys"]).unwrap_err();
+        assert!(err.contains("--api-key-file /nonexistent/keys"), "{err}");
+    }
+
+    #[test]
+    fn the_jwt_secret_file_loses_its_trailing_newline_only() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        for (text, secret) in [
+            ("s3cret\n", &b"s3cret"[..]),
+            ("s3cret\r\n", b"s3cret"),
+            ("s3cret", b"s3cret"),
+            (" s3 cret \n", b" s3 cret "),
+        ] {
+            let file = write(&dir, "secret", text);
+            let c = parse(&["--jwt-secret-file", &file]).unwrap();
+            assert_eq!(
+                c.auth.jwt,
+                Some(JwtKey::Hs256(Secret::new(secret))),
+                "{text:?}"
+            );
         }
-        assert_eq!(parse(&[]).unwrap(), Config::default());
-        assert_eq!(parse(&["serve"]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn a_jwt_flag_replaces_every_jwt_key_of_the_file() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let secret = write(&dir, "secret", "from-flag\n");
+        let config = write(&dir, "shardcast.toml", "jwt-secret = \"from-file\"\n");
+        let c = parse(&["--config", &config, "--jwt-secret-file", &secret]).unwrap();
+        assert_eq!(
+            c.auth.jwt,
+            Some(JwtKey::Hs256(Secret::new(&b"from-flag"[..])))
+        );
+        let c = parse(&["--config", &config]).unwrap();
+        assert_eq!(
+            c.auth.jwt,
+            Some(JwtKey::Hs256(Secret::new(&b"from-file"[..])))
+        );
+        let err = parse(&["--jwt-secret", "a", "--jwt-public-key", "/k.pem"]).unwrap_err();
+        assert!(err.contains("--jwt-secret and --jwt-public-key"), "{err}");
+    }
+
+    #[test]
+    fn the_tls_pair_may_come_half_from_the_file() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config = write(&dir, "shardcast.toml", "tls-key = \"/etc/key.pem\"\n");
+        let args = serve_args(&["--config", &config, "--tls-cert", "/etc/cert.pem"]).unwrap();
+        assert_eq!(args.tls_cert, Some(PathBuf::from("/etc/cert.pem")));
+        assert_eq!(args.tls_key, Some(PathBuf::from("/etc/key.pem")));
+        let err = parse(&["--tls-cert", "/etc/cert.pem"]).unwrap_err();
+        assert!(err.contains("--tls-cert needs --tls-key"), "{err}");
+        let err = parse(&["--config", &config]).unwrap_err();
+        assert!(err.contains("--tls-key needs --tls-cert"), "{err}");
     }
 
     #[test]

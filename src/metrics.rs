@@ -327,6 +327,63 @@ mod tests {
         assert_eq!(*buckets.last().unwrap(), (f64::INFINITY, 4)); // non-empty: bounds + Inf
     }
 
+    /// Every series the operations issue lists has its `# TYPE` line, and each of the seven
+    /// disconnect reasons its own sample, carrying that reason's count.
+    #[test]
+    fn every_listed_series_has_its_type_and_every_disconnect_reason_its_sample() {
+        let mut stats = Stats {
+            shard_connections: vec![3, 4],
+            ..Stats::default()
+        };
+        let reasons = [
+            "client_close",
+            "slow_consumer",
+            "pong_timeout",
+            "protocol_error",
+            "write_timeout",
+            "shutdown",
+            "rate_limited",
+        ];
+        assert_eq!(DisconnectReason::ALL.len(), reasons.len());
+        // A distinct count per reason (1 to 7), so a label on the wrong value shows.
+        for (i, why) in DisconnectReason::ALL.into_iter().enumerate() {
+            for _ in 0..=i {
+                stats.disconnects.record(why);
+            }
+        }
+        let text = render(stats);
+        for reason in reasons {
+            let n = DisconnectReason::ALL
+                .iter()
+                .position(|w| w.as_str() == reason)
+                .unwrap_or_else(|| panic!("no disconnect reason {reason}"))
+                + 1;
+            let sample = format!("shardcast_disconnects_total{{reason=\"{reason}\"}} {n}\n");
+            assert!(text.contains(&sample), "{sample} missing from:\n{text}");
+        }
+        for ty in [
+            "# TYPE shardcast_connections gauge",
+            "# TYPE shardcast_connections_opened counter",
+            "# TYPE shardcast_disconnects counter",
+            "# TYPE shardcast_handshake_rejections counter",
+            "# TYPE shardcast_messages_published counter",
+            "# TYPE shardcast_deliveries counter",
+            "# TYPE shardcast_bytes_sent counter",
+            "# TYPE shardcast_topics gauge",
+            "# TYPE shardcast_send_queue_bytes histogram",
+            "# TYPE shardcast_publish_fanout_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == ty), "{ty} missing from:\n{text}");
+        }
+        // `connections` is per shard.
+        for sample in [
+            "shardcast_connections{shard=\"0\"} 3",
+            "shardcast_connections{shard=\"1\"} 4",
+        ] {
+            assert!(text.contains(sample), "{sample} missing from:\n{text}");
+        }
+    }
+
     #[test]
     fn rendering_names_every_series() {
         let text = render(Stats::default());
