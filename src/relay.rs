@@ -260,8 +260,9 @@ impl Relay {
     }
 
     /// [`Relay::publish`], counted under `source`: local delivery first, then, unless the
-    /// message came from the bus, the bus. Handing to the bus never waits: with its queue
-    /// full the bus copy is dropped and counted, so the broker never delays local delivery.
+    /// message came from the bus, the bus. Local delivery never waits for the broker: it is
+    /// done before the bus is asked. Handing to the bus waits only while its queue is full,
+    /// at most `CONGESTION_WAIT` (100 ms) per stall (`Bus::send`), then drops and counts.
     pub(crate) async fn publish_from(
         &self,
         source: Source,
@@ -273,7 +274,7 @@ impl Relay {
         if source != Source::Bus
             && let Some(bus) = &self.shared.bus
         {
-            bus.send(topic, opcode, payload);
+            bus.send(topic, opcode, payload).await;
         }
         Ok(queued)
     }

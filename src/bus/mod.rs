@@ -6,9 +6,10 @@
 //! `envelope.rs`; local delivery stays in `relay.rs` and `shard.rs`.
 //!
 //! Flow: `Relay::publish_from` delivers locally, then queues an envelope on [`Bus::send`]'s
-//! bounded channel, never waiting: when it is full (the broker is slow, stalled or away and
-//! the bus task has not yet given the session up) the bus copy is dropped and counted in
-//! `dropped_full`, so local delivery never pauses for the broker. The bus task drains that
+//! bounded channel. A full channel is back-pressure for up to `CONGESTION_WAIT` (100 ms); if
+//! it stays full (the broker is stalled or away and the bus task has not yet given the
+//! session up) the bus copy is dropped and counted in `dropped_full`, and later ones are
+//! dropped at once until it takes one again. The bus task drains that
 //! channel and publishes what it holds as one pipeline. A session's reader task decodes what the broker delivers,
 //! drops the node's own messages, and calls `publish_from` with `Source::Bus`, which delivers
 //! locally and never re-sends.
@@ -45,10 +46,14 @@ pub const DEFAULT_PREFIX: &str = "shardcast";
 /// How often a node sends its stall probe when the configuration does not say.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Envelopes waiting for the bus task. Full means the bus copy of a message is dropped (and
-/// counted): publishers never wait on the broker. Sized to ride out a few round trips of a
-/// busy broker (about 8 pipelines of [`PUBLISH_BATCH`]).
+/// Envelopes waiting for the bus task. Full means a publisher waits (at most
+/// `CONGESTION_WAIT`) and then drops the bus copy of its message (counted). Sized to ride out
+/// a few round trips of a busy broker (about 8 pipelines of [`PUBLISH_BATCH`]).
 const OUT_CAPACITY: usize = 4096;
+/// How long a publisher waits for room in a full bus queue before the broker is taken to be
+/// stalled and messages are dropped instead (`Bus::send`). A healthy broker takes a full
+/// queue's pipeline in a few milliseconds.
+const CONGESTION_WAIT: Duration = Duration::from_millis(100);
 /// Interest changes waiting for the bus task. Full sets [`Bus::rescan`] instead of waiting.
 const CHANGES_CAPACITY: usize = 4096;
 /// Most envelopes sent as one pipeline.
@@ -266,10 +271,13 @@ struct Outgoing {
 pub(crate) struct Bus {
     /// This process's id in every envelope it sends; messages carrying it are its own.
     node: u128,
-    /// Publishers' envelopes, in publish order. Bounded: when it is full the envelope is
-    /// dropped and counted in `dropped_full`; a publisher never waits on it.
+    /// Publishers' envelopes, in publish order. Bounded: when it is full a publisher waits
+    /// at most `CONGESTION_WAIT` for room, then the envelope is dropped and counted in
+    /// `dropped_full` (`Bus::send`).
     out: mpsc::Sender<Outgoing>,
-    /// Set while the queue is refusing envelopes, so the drop is logged once per episode.
+    /// Set from a publisher's first `CONGESTION_WAIT` that found no room until the queue
+    /// takes an envelope again. While set, publishers drop at once instead of waiting, and
+    /// the episode is logged once.
     shedding: AtomicBool,
     /// Topics whose interest entry a shard just created or removed. A shard never waits on
     /// it: when it is full the shard sets `rescan` instead.
@@ -339,38 +347,54 @@ impl Bus {
         )
     }
 
-    /// Queues a locally published message for the other nodes. Never waits: when the queue
-    /// is full the message is not sent to the broker (it has already reached this node's
-    /// subscribers) and is counted in `dropped_full`. Does nothing once the bus task has
-    /// stopped (shutdown).
-    pub(crate) fn send(&self, topic: &Topic, opcode: Opcode, payload: &[u8]) {
+    /// Queues a locally published message for the other nodes; the message has already
+    /// reached this node's subscribers. A full queue is first taken as back-pressure: the
+    /// caller waits up to `CONGESTION_WAIT` for room, so a burst faster than a healthy broker
+    /// is slowed down, not lost. If no room comes in that time the broker is taken to be
+    /// stalled: this message and every later one are dropped at once, without waiting, and
+    /// counted in `dropped_full`, until the queue takes a message again. So a frozen broker
+    /// delays a publisher at most once, by `CONGESTION_WAIT`, before the command timeout
+    /// ends its session. Does nothing once the bus task has stopped (shutdown).
+    pub(crate) async fn send(&self, topic: &Topic, opcode: Opcode, payload: &[u8]) {
         let envelope = envelope::encode(self.node, Kind::of(opcode), payload);
         let msg = Outgoing {
             topic: topic.clone(),
             envelope,
         };
-        match self.out.try_send(msg) {
+        let full = match self.out.try_send(msg) {
             Ok(()) => {
-                // A plain load first: the swap's write happens once per episode, not per message.
-                if self.shedding.load(Ordering::Relaxed)
-                    && self.shedding.swap(false, Ordering::Relaxed)
-                {
-                    tracing::debug!(
-                        "bus queue accepting again; messages reach the other nodes again"
-                    );
-                }
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.dropped_full.fetch_add(1, Ordering::Relaxed);
-                if !self.shedding.swap(true, Ordering::Relaxed) {
-                    tracing::debug!(
-                        capacity = OUT_CAPACITY,
-                        "bus queue full (broker slow or stalled); messages reach local subscribers only, counted in shardcast_bus_dropped_full_total"
-                    );
-                }
+                self.accepting();
+                return;
             }
             // The bus task has ended (shutdown): nothing is left to send to.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+        };
+        if !self.shedding.load(Ordering::Relaxed) {
+            match tokio::time::timeout(CONGESTION_WAIT, self.out.send(full)).await {
+                Ok(_) => {
+                    // Sent, or the bus task ended meanwhile (shutdown).
+                    self.accepting();
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+        self.dropped_full.fetch_add(1, Ordering::Relaxed);
+        if !self.shedding.swap(true, Ordering::Relaxed) {
+            tracing::debug!(
+                capacity = OUT_CAPACITY,
+                wait = ?CONGESTION_WAIT,
+                "bus queue stayed full (broker slow or stalled); messages reach local subscribers only, counted in shardcast_bus_dropped_full_total"
+            );
+        }
+    }
+
+    /// The queue took a message: ends a shedding episode (a plain load first, so the swap's
+    /// write happens once per episode, not per message).
+    fn accepting(&self) {
+        if self.shedding.load(Ordering::Relaxed) && self.shedding.swap(false, Ordering::Relaxed) {
+            tracing::debug!("bus queue accepting again; messages reach the other nodes again");
         }
     }
 
