@@ -74,6 +74,16 @@ roundtrip("binary_126", 1, 0, bytes(range(126)))
 roundtrip("text_len_65535", 2, 65535, b"abc")
 roundtrip("binary_len_65536", 3, 65536, b"\x00\xff")
 roundtrip("binary_len_128k", 3, 128 * 1024, b"z")
+# bits 3-4: 1 pong (payload up to 125), 2 ping, 3 close (code in bytes 1-2 BE, reason = payload).
+PONG, PING, CLOSE = 1 << 3, 2 << 3, 3 << 3
+roundtrip("pong_empty", PONG, 0, b"")
+roundtrip("pong_125", PONG | 2, 125, b"ping payload ")
+roundtrip("ping", PING, 0, b"")
+def close_seed(name, code, reason):
+    write("frame_roundtrip", name, bytes([CLOSE]) + struct.pack(">H", code) + b"\0" + reason)
+close_seed("close_1000", 1000, b"")
+close_seed("close_4008_reason", 4008, b"slow consumer")
+close_seed("close_long_reason", 1008, "é".encode() * 70)
 
 # handshake: raw HTTP/1.1 requests.
 def req(lines, body=b""):
