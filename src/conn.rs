@@ -1,9 +1,11 @@
 //! A WebSocket connection's reader: finishes the upgrade, then reads client frames and turns
 //! them into publishes, pongs and closes. Writing to the client is the shard's job
-//! (`shard.rs`); this task never writes to the socket.
+//! (`shard.rs`); this task never writes to the socket. `conn/fuzzing.rs` runs this same
+//! reader over an in-memory stream for the `server_read` fuzz target.
 
 use std::cell::RefCell;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,6 +22,9 @@ use crate::reader::{Event, FrameReader, ProtocolError};
 use crate::relay::{Relay, Slot, Source};
 use crate::shard::{ConnShared, ShardMsg};
 use crate::socket::Socket;
+
+#[doc(hidden)]
+pub mod fuzzing;
 
 /// `--client-publish-rate` for one connection, as the generic cell rate algorithm: one
 /// instant of state instead of a token count and a refill time. A message is allowed while
@@ -90,47 +95,31 @@ pub(crate) async fn serve(
     slot: Slot,
     conn: Arc<ConnShared>,
     publish: Publish,
+    peer: SocketAddr,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
 ) {
-    let Some((stream, leftover)) = attach(&relay, slot, upgrade).await else {
+    let Some((stream, leftover)) = attach(&relay, slot, peer, upgrade).await else {
         let Slot { shard, key, id } = slot;
         let _ = relay.to_shard(shard, ShardMsg::Gone { key, id }).await;
         return;
     };
-    let parser = FrameReader::new(relay.config().max_message_bytes);
-    let rate = relay.config().client_publish_rate.map(RateLimit::new);
-    let mut reader = Reader {
-        relay,
-        slot,
-        conn,
-        publish,
-        rate,
-        parser,
-        events: Vec::new(),
-    };
-    // `leftover` is a view into hyper's 8 KiB read buffer: parse it and let it go at once,
-    // or every idle connection would keep that buffer alive.
-    let first = reader.parser.feed(&leftover, &mut reader.events);
-    drop(leftover);
-    tokio::spawn(async move {
-        reader.run(&stream, first).await;
-        let Slot { shard, key, id } = reader.slot;
-        let gone = reader.relay.to_shard(shard, ShardMsg::Gone { key, id });
-        let _ = Box::pin(gone).await;
-    });
+    let mut reader = Reader::new(relay, slot, conn, publish, peer, ());
+    let first = reader.replay(leftover);
+    tokio::spawn(reader.serve(stream, first));
 }
 
 /// Waits for the upgrade, then hands the socket's write side to the shard.
 async fn attach(
     relay: &Relay,
     slot: Slot,
+    peer: SocketAddr,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
 ) -> Option<(Arc<Socket>, Bytes)> {
     let Slot { shard, key, id } = slot;
     let upgraded = match upgrade.await {
         Ok(ws) => ws.into_inner().into_inner(),
         Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
+            tracing::debug!(%peer, error = %e, "upgrade failed");
             return None;
         }
     };
@@ -152,7 +141,19 @@ async fn attach(
     Some((stream, read_buf))
 }
 
-struct Reader {
+/// Sees the parser after every feed. Production readers use `()`, which is zero-sized and
+/// does nothing; the fuzzing entry ([`fuzzing`]) records how much the parser held.
+pub(crate) trait Watch {
+    /// Called after `bytes` bytes were fed to `parser`.
+    fn fed(&mut self, parser: &FrameReader, bytes: usize);
+}
+
+impl Watch for () {
+    #[inline(always)]
+    fn fed(&mut self, _: &FrameReader, _: usize) {}
+}
+
+struct Reader<W: Watch = ()> {
     relay: Relay,
     slot: Slot,
     conn: Arc<ConnShared>,
@@ -160,9 +161,63 @@ struct Reader {
     rate: Option<RateLimit>,
     parser: FrameReader,
     events: Vec<Event>,
+    /// The client's address, for the log line of every rejection.
+    peer: SocketAddr,
+    watch: W,
 }
 
-impl Reader {
+impl<W: Watch> Reader<W> {
+    fn new(
+        relay: Relay,
+        slot: Slot,
+        conn: Arc<ConnShared>,
+        publish: Publish,
+        peer: SocketAddr,
+        watch: W,
+    ) -> Self {
+        let parser = FrameReader::new(relay.config().max_message_bytes);
+        let rate = relay.config().client_publish_rate.map(RateLimit::new);
+        Self {
+            relay,
+            slot,
+            conn,
+            publish,
+            rate,
+            parser,
+            events: Vec::new(),
+            peer,
+            watch,
+        }
+    }
+
+    /// Parses the bytes hyper read past the upgrade request. `leftover` is a view into
+    /// hyper's 8 KiB read buffer: it is parsed and let go at once, or every idle connection
+    /// would keep that buffer alive.
+    fn replay(&mut self, leftover: Bytes) -> Result<(), ProtocolError> {
+        let first = self.parser.feed(&leftover, &mut self.events);
+        self.watch.fed(&self.parser, leftover.len());
+        first
+    }
+
+    /// Reads the connection to its end, then tells the shard the reader is gone.
+    ///
+    /// An `async move` block rather than an `async fn`: the latter keeps its arguments and
+    /// the state of its body apart, which made this (per-connection) future 760 bytes instead
+    /// of 472 (`the_reader_task_stays_small`).
+    #[allow(clippy::manual_async_fn)]
+    fn serve(
+        mut self,
+        stream: Arc<Socket>,
+        first: Result<(), ProtocolError>,
+    ) -> impl Future<Output = ()> {
+        async move {
+            self.run(&stream, first).await;
+            let Slot { shard, key, id } = self.slot;
+            let gone = self.relay.to_shard(shard, ShardMsg::Gone { key, id });
+            let _ = Box::pin(gone).await;
+        }
+    }
+
     async fn run(&mut self, stream: &Socket, first: Result<(), ProtocolError>) {
         let mut result = first;
         loop {
@@ -171,7 +226,7 @@ impl Reader {
                 return self.drain(stream).await;
             }
             if let Err(e) = result {
-                tracing::debug!(error = %e, "protocol error");
+                tracing::debug!(peer = %self.peer, error = %e, "protocol error");
                 Box::pin(self.close(e.code, e.reason)).await;
                 return self.drain(stream).await;
             }
@@ -187,7 +242,7 @@ impl Reader {
                     Read::NotReady => continue,
                     Read::Eof => return,
                     Read::Failed(e) => {
-                        tracing::debug!(error = %e, "read failed");
+                        tracing::debug!(peer = %self.peer, error = %e, "read failed");
                         return;
                     }
                 }
@@ -201,7 +256,9 @@ impl Reader {
             Ok(0) => Read::Eof,
             Ok(n) => {
                 self.conn.alive.store(true, Ordering::Relaxed);
-                Read::Bytes(self.parser.feed(&buf[..n], &mut self.events))
+                let result = self.parser.feed(&buf[..n], &mut self.events);
+                self.watch.fed(&self.parser, n);
+                Read::Bytes(result)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read::NotReady,
             Err(e) => Read::Failed(e),
@@ -225,7 +282,7 @@ impl Reader {
                     if let Some(rate) = &mut self.rate
                         && !rate.allow(Instant::now())
                     {
-                        tracing::debug!("publish rate exceeded");
+                        tracing::debug!(peer = %self.peer, "publish rate exceeded");
                         self.close_for(
                             close_code::POLICY,
                             "publish rate exceeded",
@@ -248,7 +305,7 @@ impl Reader {
                         }
                         Publish::Refuse(reason) => {
                             let reason = *reason;
-                            tracing::debug!(reason, "data message refused");
+                            tracing::debug!(peer = %self.peer, reason, "data message refused");
                             self.close(close_code::POLICY, reason).await;
                             open = false;
                         }
@@ -325,6 +382,28 @@ impl Reader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reader task lives as long as its connection: its future must stay small. An
+    /// `async fn serve(self, ..)` made it 760 bytes; the peer address costs 32.
+    #[tokio::test]
+    async fn the_reader_task_stays_small() {
+        let config = crate::Config::default();
+        let auth = crate::auth::Auth::new(&config.auth).expect("the default auth is valid");
+        let (tx, _inbox) = tokio::sync::mpsc::channel(crate::shard::INBOX);
+        let relay = Relay::new(config, auth, vec![tx], None);
+        let (server, _client) = UnixStream::pair().expect("a unix stream pair");
+        let slot = Slot {
+            shard: 0,
+            key: 0,
+            id: 1,
+        };
+        let peer = SocketAddr::from(([192, 0, 2, 1], 40000));
+        let publish = Publish::Refuse("no");
+        let reader = Reader::new(relay, slot, Arc::default(), publish, peer, ());
+        let task = reader.serve(Arc::new(Socket::Local(server)), Ok(()));
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 512, "the reader task's future is {size} bytes");
+    }
 
     #[test]
     fn rate_limit_allows_a_burst_then_the_rate() {

@@ -135,7 +135,7 @@ async fn upgrade(mut req: Request<Incoming>, relay: Relay, peer: SocketAddr) -> 
         Err(_) => return refuse(&relay, peer, shutting_down()),
     };
     tracing::debug!(%peer, shard = slot.shard, id = slot.id, "websocket opened");
-    tokio::spawn(crate::conn::serve(relay, slot, conn, publish, fut));
+    tokio::spawn(crate::conn::serve(relay, slot, conn, publish, peer, fut));
     response.map(|_| Full::new(Bytes::new()))
 }
 

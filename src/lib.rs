@@ -46,6 +46,8 @@ pub use config::{
     AuthConfig, Config, JwtKey, LogFormat, MAX_SHARDS, Secret, TlsConfig, parse_duration,
     parse_size,
 };
+#[doc(hidden)]
+pub use conn::fuzzing;
 pub use disconnect::{DisconnectCounts, DisconnectReason};
 pub use error::Error;
 pub use frame::Opcode;

@@ -28,12 +28,17 @@ def frame(opcode, payload, fin=True, mask=True):
         return hdr + payload
     return hdr + MASK + bytes(c ^ MASK[i % 4] for i, c in enumerate(payload))
 
-def server_read(name, wire, limit=4096, seed=7):
+def server_read(name, wire, limit=4096, seed=7, opts=0):
     # bytes 0-1: u16 LE limit, byte 1 % 8 is also a shift: keep it 0 mod 8.
+    # byte 3 (opts): bits 0-1 access (0 publish, 1 multi-topic, 2 no publish right), bit 2 a
+    # publish rate of 1 + bits 3-4 per second, bits 5-7 bytes sent with the upgrade (x 3).
     assert limit % 2048 == 0 or limit < 256
     lo, hi = limit & 0xFF, limit >> 8
     assert hi % 8 == 0
-    write("server_read", name, bytes([lo, hi, seed]) + wire)
+    write("server_read", name, bytes([lo, hi, seed, opts]) + wire)
+
+MULTI_TOPIC, NO_PUBLISH, RATE_1, RATE_2 = 1, 2, 4, 4 | (1 << 3)
+def leftover(n): return (n // 3) << 5
 
 # server_read: masked client frames, limit 4097 (0x1000 >> 0, plus one).
 server_read("text_hello", frame(0x1, b"Hello"))
@@ -49,6 +54,15 @@ server_read("over_limit", frame(0x2, bytes(100)), limit=64, seed=3)
 server_read("fragments_over_limit", frame(0x1, b"a" * 40, fin=False) + frame(0x0, b"b" * 40),
             limit=64, seed=1)
 server_read("len64_header", bytes([0x82, 0xFF]) + struct.pack(">Q", 1 << 40) + MASK)
+# The connection's rights and the upgrade's leftover.
+server_read("multi_topic_data", frame(0x9, b"p") + frame(0x1, b"refused"), opts=MULTI_TOPIC)
+server_read("no_publish_right", frame(0x2, b"refused") + frame(0x1, b"later"), opts=NO_PUBLISH)
+server_read("rate_1", frame(0x1, b"one") + frame(0x1, b"two") + frame(0x1, b"three"), opts=RATE_1)
+server_read("rate_2_fragments", frame(0x1, b"o", fin=False) + frame(0x0, b"ne") + frame(0x2, b"two")
+            + frame(0x9, b"") + frame(0x2, b"three"), opts=RATE_2, seed=5)
+server_read("leftover_split", frame(0x1, b"split over the upgrade") + frame(0x2, b"x"),
+            opts=leftover(9), seed=4)
+server_read("leftover_close", frame(0x8, struct.pack(">H", 4000)), opts=leftover(6))
 
 # frame_roundtrip: byte 0 bit 0 binary, bit 1 use the length in bytes 1-3; rest payload.
 def roundtrip(name, flags, length, payload):
@@ -60,6 +74,16 @@ roundtrip("binary_126", 1, 0, bytes(range(126)))
 roundtrip("text_len_65535", 2, 65535, b"abc")
 roundtrip("binary_len_65536", 3, 65536, b"\x00\xff")
 roundtrip("binary_len_128k", 3, 128 * 1024, b"z")
+# bits 3-4: 1 pong (payload up to 125), 2 ping, 3 close (code in bytes 1-2 BE, reason = payload).
+PONG, PING, CLOSE = 1 << 3, 2 << 3, 3 << 3
+roundtrip("pong_empty", PONG, 0, b"")
+roundtrip("pong_125", PONG | 2, 125, b"ping payload ")
+roundtrip("ping", PING, 0, b"")
+def close_seed(name, code, reason):
+    write("frame_roundtrip", name, bytes([CLOSE]) + struct.pack(">H", code) + b"\0" + reason)
+close_seed("close_1000", 1000, b"")
+close_seed("close_4008_reason", 4008, b"slow consumer")
+close_seed("close_long_reason", 1008, "é".encode() * 70)
 
 # handshake: raw HTTP/1.1 requests.
 def req(lines, body=b""):
