@@ -371,13 +371,13 @@ impl Bus {
             Err(mpsc::error::TrySendError::Full(msg)) => msg,
         };
         if !self.shedding.load(Ordering::Relaxed) {
-            match tokio::time::timeout(CONGESTION_WAIT, self.out.send(full)).await {
-                Ok(_) => {
-                    // Sent, or the bus task ended meanwhile (shutdown).
-                    self.accepting();
-                    return;
-                }
-                Err(_) => {}
+            // `Ok`: sent, or the bus task ended meanwhile (shutdown). `Err`: no room in time.
+            if tokio::time::timeout(CONGESTION_WAIT, self.out.send(full))
+                .await
+                .is_ok()
+            {
+                self.accepting();
+                return;
             }
         }
         self.dropped_full.fetch_add(1, Ordering::Relaxed);
