@@ -3,9 +3,10 @@
 //! choosing shards and encoding frames live in `relay.rs` and `frame.rs`.
 //!
 //! The shard never awaits a socket. After each batch of inbox messages it flushes every client
-//! the batch touched with non-blocking vectored writes (one `writev` carries up to 64 frames,
-//! so a batch usually costs one syscall per client) and, when the kernel buffer is full, parks
-//! a readiness future for that client and moves on.
+//! the batch touched with non-blocking vectored writes (one `writev` carries up to 1024
+//! frames, so a batch usually costs one syscall per client) and, when the kernel buffer is
+//! full, parks a readiness future for that client and moves on. A flush round yields between
+//! slices of clients and takes the publishes made meanwhile, unless the queues are deep.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -37,8 +38,15 @@ const BATCH: usize = 256;
 /// Clients a shard flushes before it lets the other tasks on its thread run and takes the
 /// publishes they made meanwhile (see `Shard::flush_round`).
 const FLUSH_SLICE: usize = 256;
-/// Most frames handed to one `writev`.
-const MAX_IOV: usize = 64;
+/// Frames per client above which a flush round stops taking publishes mid-round: the shard is
+/// behind (see `Shard::flush_round`).
+const DEEP_QUEUE: usize = 64;
+/// Most frames handed to one `writev`: Linux's `UIO_MAXIOV`. A client that fell behind gets
+/// its backlog in a few large writes rather than many small ones, which is what lets a shard
+/// catch up (per write, the kernel's cost is mostly fixed).
+const MAX_IOV: usize = 1024;
+/// Frames up to which the slices for a `writev` live on the stack; more take one allocation.
+const STACK_IOV: usize = 64;
 /// How long a close frame may take to flush after a slow-consumer, pong-timeout or
 /// protocol-error close before the socket is closed anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -171,6 +179,11 @@ struct Client {
     conn: Arc<ConnShared>,
     topics: Box<[Topic]>,
     queue: VecDeque<Bytes>,
+    /// The most frames `queue` held at the start of a write since it was last drained.
+    /// A drained queue keeps its slots while the previous burst used a good share of them,
+    /// so a client that gets hundreds of frames per flush does not reallocate its queue
+    /// from empty every flush; it is freed once a drain finds it mostly unused.
+    recent_peak: usize,
     queued: usize,
     head_partial: bool,
     /// Already in the shard's dirty list.
@@ -199,18 +212,28 @@ impl Client {
         let Some(stream) = self.stream.as_ref() else {
             return Ok(Flush::Blocked);
         };
+        self.recent_peak = self.recent_peak.max(self.queue.len());
         while let Some(front) = self.queue.front() {
             let result = if self.queue.len() == 1 {
                 // The common case at a steady rate: one frame, a plain `write`.
                 stream.try_write(front)
-            } else {
-                let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            } else if self.queue.len() <= STACK_IOV {
+                let mut iov = [IoSlice::new(&[]); STACK_IOV];
                 let mut n = 0;
                 for (slot, frame) in iov.iter_mut().zip(self.queue.iter()) {
                     *slot = IoSlice::new(frame);
                     n += 1;
                 }
                 stream.try_write_vectored(&iov[..n])
+            } else {
+                // A backlog: one allocation for up to `MAX_IOV` frames in one syscall.
+                let iov: Vec<IoSlice<'_>> = self
+                    .queue
+                    .iter()
+                    .take(MAX_IOV)
+                    .map(|frame| IoSlice::new(frame))
+                    .collect();
+                stream.try_write_vectored(&iov)
             };
             let mut written = match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -236,10 +259,13 @@ impl Client {
                 }
             }
         }
-        if self.queue.capacity() > 64 {
-            // Hand back a burst's worth of slots: idle clients hold no large buffers.
+        let capacity = self.queue.capacity();
+        if capacity > 64 && self.recent_peak < capacity / 4 {
+            // Hand back a burst's worth of slots once they go mostly unused: idle clients
+            // hold no large buffers (an idle client's next ping drains with a peak of 1).
             self.queue = VecDeque::new();
         }
+        self.recent_peak = 0;
         Ok(Flush::Drained)
     }
 
@@ -389,11 +415,20 @@ impl Shard {
     async fn flush_round(&mut self, inbox: &mut mpsc::Receiver<ShardMsg>) {
         self.close_doomed();
         let mut left = self.dirty.len();
+        let (mut flushed, mut frames) = (0, 0);
         loop {
             let slice = left.min(FLUSH_SLICE);
-            self.flush_dirty(slice);
+            frames += self.flush_dirty(slice);
+            flushed += slice;
             left -= slice;
             if left == 0 || self.dirty.is_empty() {
+                break;
+            }
+            if frames > flushed * DEEP_QUEUE {
+                // Deep queues: the shard is behind, and throughput, not latency, is what
+                // counts. Frames taken mid-round would only lengthen the queues this round
+                // has yet to write (and the round with them), so finish it as one batch.
+                self.flush_dirty(left);
                 break;
             }
             tokio::task::yield_now().await;
@@ -443,6 +478,7 @@ impl Shard {
                     queue: VecDeque::new(),
                     queued: 0,
                     head_partial: false,
+                    recent_peak: 0,
                     dirty: false,
                     doomed: false,
                     waiting_writable: false,
@@ -665,16 +701,20 @@ impl Shard {
     }
 
     /// Flushes up to `n` clients from the front of the dirty queue.
-    fn flush_dirty(&mut self, n: usize) {
+    /// Returns how many frames those clients held when their flush began.
+    fn flush_dirty(&mut self, n: usize) -> usize {
+        let mut frames = 0;
         for _ in 0..n {
             let Some(key) = self.dirty.pop_front() else {
                 break;
             };
             if let Some(c) = self.clients.get_mut(key) {
                 c.dirty = false;
+                frames += c.queue.len();
                 self.flush(key);
             }
         }
+        frames
     }
 
     /// Writes what the client has queued; parks a readiness future if the kernel is full.
