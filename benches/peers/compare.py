@@ -10,7 +10,9 @@ after the connections are open. `--pin 0:1` runs every server on CPU 0 and the g
 CPU 1 (taskset).
 
 Usage: benches/peers/compare.py [--rounds N] [--servers a,b] [--scenarios a,b] [--pin S:G] [--out DIR]
-Writes DIR/results.json (default benches/peers/results/). Then: python3 benches/peers/charts.py
+Writes DIR/results.json (default benches/peers/results/), then runs charts.py on it: the SVG
+charts in docs/img/ and the generated section of docs/benchmarks.md (machine, versions,
+commands, results table). `--no-doc` skips that step.
 """
 import argparse
 import datetime
@@ -241,6 +243,8 @@ def main():
     ap.add_argument("--port", type=int, default=9400)
     ap.add_argument("--pin", default="",
                     help="SERVER_CPUS:GENERATOR_CPUS for taskset, e.g. 0:1 (every server alike)")
+    ap.add_argument("--no-doc", action="store_true",
+                    help="do not rewrite docs/img/bench-*.svg and the generated part of docs/benchmarks.md")
     ap.add_argument("--append", action="store_true",
                     help="add these runs to an existing results.json as further rounds")
     args = ap.parse_args()
@@ -287,6 +291,9 @@ def main():
                 with open(out, "w") as f:
                     json.dump(res, f, indent=1)
     print(f"wrote {out}")
+    if not args.no_doc:
+        subprocess.run([sys.executable, os.path.join(HERE, "charts.py"), out,
+                        "--doc", os.path.join(ROOT, "docs", "benchmarks.md")], check=True)
 
 
 if __name__ == "__main__":
