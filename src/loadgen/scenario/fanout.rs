@@ -107,6 +107,7 @@ pub async fn run(ctx: &Rc<Ctx>, job: &FanoutJob, link: &mut Link) -> Result<Work
         size: job.size,
     };
     let mut handles = Vec::new();
+    let publishes_here = !publishers.is_empty();
     for (id, publisher) in publishers {
         let ctx = ctx.clone();
         handles.push(tokio::task::spawn_local(async move {
@@ -123,6 +124,11 @@ pub async fn run(ctx: &Rc<Ctx>, job: &FanoutJob, link: &mut Link) -> Result<Work
         if let Ok((id, n)) = h.await {
             sent[(id % topics) as usize] += n;
         }
+    }
+    // A worker that only subscribes ends its CPU window when the publishers are due to stop
+    // (timed runs), not at once: its work is the receiving.
+    if let (false, Some(end)) = (publishes_here, end_ns) {
+        tokio::time::sleep(super::until(end)).await;
     }
     ctx.shared.mark_cpu_end();
     link.send(FromWorker::Sent(sent));
