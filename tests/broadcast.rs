@@ -29,23 +29,7 @@ async fn five_hundred_clients_on_four_shards_get_every_message_in_order() {
         "clients per shard"
     );
     let publisher = clients.pop().expect("at least one client");
-    let readers: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(r, mut ws)| {
-            tokio::spawn(async move {
-                let what = format!("reader {r}'s next message");
-                for expected in 0..MESSAGES {
-                    let msg = within(&what, next_data(&mut ws))
-                        .await
-                        .into_text()
-                        .expect("text");
-                    assert_eq!(msg.as_str(), expected.to_string(), "out of order or lost");
-                }
-                ws
-            })
-        })
-        .collect();
+    let readers = readers_in_order(clients, MESSAGES);
     // The publisher is a subscriber too and gets its own messages back, in order.
     let (mut sink, mut stream) = publisher.split();
     let own = tokio::spawn(async move {
@@ -121,27 +105,7 @@ async fn publishes_taken_mid_round_keep_every_subscriber_in_order() {
             .expect("a text frame");
         assert_eq!(own.as_str(), i.to_string());
     }
-    let readers: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(r, mut ws)| {
-            tokio::spawn(async move {
-                let what = format!("reader {r}'s next message");
-                for expected in 0..MESSAGES {
-                    let msg = within(&what, next_data(&mut ws))
-                        .await
-                        .into_text()
-                        .expect("a text frame");
-                    assert_eq!(
-                        msg.as_str(),
-                        expected.to_string(),
-                        "reader {r}: out of order or lost"
-                    );
-                }
-                ws
-            })
-        })
-        .collect();
+    let readers = readers_in_order(clients, MESSAGES);
     let mut open = Vec::new();
     for r in readers {
         open.push(
@@ -168,14 +132,13 @@ async fn opcode_is_preserved() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        within("the text at b", next_data(&mut b)).await,
-        Message::text("text")
-    );
-    assert_eq!(
-        within("the binary at b", next_data(&mut b)).await,
-        Message::binary(vec![0u8, 159, 146, 150])
-    );
+    expect_next(&mut b, "the text at b", Message::text("text")).await;
+    expect_next(
+        &mut b,
+        "the binary at b",
+        Message::binary(vec![0u8, 159, 146, 150]),
+    )
+    .await;
     // HTTP: text/* and application/json give text frames, anything else binary.
     for (content_type, body) in [
         ("application/json", &b"{\"a\":1}"[..]),
@@ -192,18 +155,19 @@ async fn opcode_is_preserved() {
             "{content_type}"
         );
     }
-    assert_eq!(
-        within("the JSON publish at b", next_data(&mut b)).await,
-        Message::text("{\"a\":1}")
-    );
-    assert_eq!(
-        within("the text/plain publish at b", next_data(&mut b)).await,
-        Message::text("plain")
-    );
-    assert_eq!(
-        within("the octet-stream publish at b", next_data(&mut b)).await,
-        Message::binary(b"\xff\x00".to_vec())
-    );
+    expect_next(&mut b, "the JSON publish at b", Message::text("{\"a\":1}")).await;
+    expect_next(
+        &mut b,
+        "the text/plain publish at b",
+        Message::text("plain"),
+    )
+    .await;
+    expect_next(
+        &mut b,
+        "the octet-stream publish at b",
+        Message::binary(b"\xff\x00".to_vec()),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -235,14 +199,8 @@ async fn topics_are_isolated() {
         .await
         .unwrap();
     }
-    assert_eq!(
-        within("red's marker", next_data(&mut red)).await,
-        Message::text("end")
-    );
-    assert_eq!(
-        within("blue's marker", next_data(&mut blue)).await,
-        Message::text("end")
-    );
+    expect_next(&mut red, "red's marker", Message::text("end")).await;
+    expect_next(&mut blue, "blue's marker", Message::text("end")).await;
     // A topic nobody subscribes to reaches no shard.
     assert_eq!(
         within(
@@ -276,19 +234,15 @@ async fn multi_topic_subscriber_receives_every_topic_and_may_not_publish() {
             "{path}"
         );
     }
-    assert_eq!(
-        within("the message to a", next_data(&mut multi)).await,
-        Message::text("from a")
-    );
-    assert_eq!(
-        within("the message to b", next_data(&mut multi)).await,
-        Message::text("from b")
-    );
+    expect_next(&mut multi, "the message to a", Message::text("from a")).await;
+    expect_next(&mut multi, "the message to b", Message::text("from b")).await;
     // Named twice, delivered once; topic c never arrives.
-    assert_eq!(
-        within("the second message to a", next_data(&mut multi)).await,
-        Message::text("a again")
-    );
+    expect_next(
+        &mut multi,
+        "the second message to a",
+        Message::text("a again"),
+    )
+    .await;
     within("the refused publish", send_text(&mut multi, "may I?")).await;
     assert_eq!(
         within("the 1008 close", close_frame(&mut multi)).await,
@@ -312,10 +266,7 @@ async fn client_publish_can_be_disabled() {
         .await,
         202
     );
-    assert_eq!(
-        within("the server's publish", next_data(&mut a)).await,
-        Message::text("server")
-    );
+    expect_next(&mut a, "the server's publish", Message::text("server")).await;
     within("the refused publish", send_text(&mut a, "client")).await;
     assert_eq!(
         within("the 1008 close", close_frame(&mut a)).await,
@@ -389,4 +340,35 @@ async fn http_endpoints_answer_with_the_documented_statuses() {
     )
     .await;
     assert_eq!(status, 405);
+}
+
+/// The next data message on `ws` is `want` (bounded; `what` names it if it never comes).
+async fn expect_next(ws: &mut Ws, what: &str, want: Message) {
+    assert_eq!(within(what, next_data(ws)).await, want, "{what}");
+}
+
+/// One task per client that reads `messages` text messages and checks they are "0", "1", ...
+/// in order (each read bounded); the task answers the client back.
+fn readers_in_order(clients: Vec<Ws>, messages: usize) -> Vec<tokio::task::JoinHandle<Ws>> {
+    clients
+        .into_iter()
+        .enumerate()
+        .map(|(r, mut ws)| {
+            tokio::spawn(async move {
+                let what = format!("reader {r}'s next message");
+                for expected in 0..messages {
+                    let msg = within(&what, next_data(&mut ws))
+                        .await
+                        .into_text()
+                        .expect("a text frame");
+                    assert_eq!(
+                        msg.as_str(),
+                        expected.to_string(),
+                        "reader {r}: out of order or lost"
+                    );
+                }
+                ws
+            })
+        })
+        .collect()
 }

@@ -394,39 +394,51 @@ fn sigterm_drains_and_exits_0() {
     assert_eq!(status.code(), Some(0));
 }
 
-#[test]
-fn sigterm_closes_every_client_with_1001_and_exits_0() {
-    let mut server = start_binary(&[
-        "--drain-delay",
-        "0s",
-        "--drain-timeout",
-        "2s",
-        "--ping-interval",
-        "1h",
-    ]);
-    let mut clients: Vec<Ws> = (0..3).map(|_| ws_client(&server, "/ws/news")).collect();
-    server.signal("-TERM");
+/// A drain that starts at once and lasts 2 s, with no pings in the way.
+const SHORT_DRAIN: &[&str] = &[
+    "--drain-delay",
+    "0s",
+    "--drain-timeout",
+    "2s",
+    "--ping-interval",
+    "1h",
+];
+
+/// One first signal with `clients` connected: each gets 1001, the process logs the drain and
+/// exits 0, and nothing is taken for a second signal.
+fn first_signal_drains(signal: &str, name: &str, clients: usize) {
+    let mut server = start_binary(SHORT_DRAIN);
+    let mut clients: Vec<Ws> = (0..clients)
+        .map(|_| ws_client(&server, "/ws/news"))
+        .collect();
+    server.signal(signal);
     for ws in &mut clients {
         assert_eq!(close_code(ws), 1001);
     }
-    let (status, rest) = server.exit("SIGTERM with every client gone");
+    let (status, rest) = server.exit(name);
     assert_eq!(status.code(), Some(0), "{rest:#?}");
     let log: Vec<&String> = server.head.iter().chain(&rest).collect();
-    for needle in ["SIGTERM received", "draining", "drain finished"] {
+    for needle in [
+        &format!("{name} received") as &str,
+        "draining",
+        "drain finished",
+    ] {
         assert!(log.iter().any(|l| l.contains(needle)), "{needle}: {log:#?}");
     }
+    assert!(
+        !log.iter().any(|l| l.contains("second signal")),
+        "one {name} is a drain, not an immediate stop: {log:#?}"
+    );
+}
+
+#[test]
+fn sigterm_closes_every_client_with_1001_and_exits_0() {
+    first_signal_drains("-TERM", "SIGTERM", 3);
 }
 
 #[test]
 fn a_client_that_never_answers_the_close_is_dropped_at_the_drain_timeout() {
-    let mut server = start_binary(&[
-        "--drain-delay",
-        "0s",
-        "--drain-timeout",
-        "2s",
-        "--ping-interval",
-        "1h",
-    ]);
+    let mut server = start_binary(SHORT_DRAIN);
     let mut stuck = stuck_client(server.addr, "/ws/news");
     let mut polite = ws_client(&server, "/ws/news");
     let signalled = Instant::now();
@@ -447,29 +459,7 @@ fn a_client_that_never_answers_the_close_is_dropped_at_the_drain_timeout() {
 
 #[test]
 fn sigint_first_drains_like_sigterm() {
-    let mut server = start_binary(&[
-        "--drain-delay",
-        "0s",
-        "--drain-timeout",
-        "2s",
-        "--ping-interval",
-        "1h",
-    ]);
-    let mut clients: Vec<Ws> = (0..2).map(|_| ws_client(&server, "/ws/news")).collect();
-    server.signal("-INT");
-    for ws in &mut clients {
-        assert_eq!(close_code(ws), 1001);
-    }
-    let (status, rest) = server.exit("SIGINT");
-    assert_eq!(status.code(), Some(0), "{rest:#?}");
-    let log: Vec<&String> = server.head.iter().chain(&rest).collect();
-    for needle in ["SIGINT received", "draining", "drain finished"] {
-        assert!(log.iter().any(|l| l.contains(needle)), "{needle}: {log:#?}");
-    }
-    assert!(
-        !log.iter().any(|l| l.contains("second signal")),
-        "one SIGINT is a drain, not an immediate stop: {log:#?}"
-    );
+    first_signal_drains("-INT", "SIGINT", 2);
 }
 
 #[test]

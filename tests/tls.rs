@@ -213,30 +213,8 @@ async fn tls_and_the_request_head_share_one_handshake_deadline() {
         tls_after,
         "the tls handshake took virtual time"
     );
-    let (mut rx, mut tx) = tokio::io::split(tls);
-    let head_len = head.len();
-    let trickle = tokio::spawn(async move {
-        let mut sent = 0;
-        for b in head.bytes() {
-            if tx.write_all(&[b]).await.is_err() || tx.flush().await.is_err() {
-                break;
-            }
-            sent += 1;
-            tokio::time::sleep(step).await;
-        }
-        sent
-    });
-    let answer = read_until_closed(&mut rx).await;
-    let closed_after = t0.elapsed();
-    let sent = within("the trickle to stop", trickle)
-        .await
-        .expect("the trickling task does not panic");
-    assert!(sent < head_len, "the whole head went through: {sent} bytes");
-    assert!(
-        answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
-        "answered a head it never finished reading: {}",
-        String::from_utf8_lossy(&answer)
-    );
+    let (rx, tx) = tokio::io::split(tls);
+    let (closed_after, sent) = head_cut_off(rx, tx, head, step, t0).await;
     // Cut off at the one deadline, not a fresh timeout after TLS (which would be 7 s).
     assert!(
         closed_after >= timeout && closed_after < timeout + step,

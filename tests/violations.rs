@@ -649,30 +649,8 @@ async fn head_trickled_slower_than_the_handshake_timeout_is_cut_off() {
     let tcp = within("connect", TcpStream::connect(scene.s.addr))
         .await
         .expect("connect to the test server");
-    let (mut rx, mut tx) = tcp.into_split();
-    let head_len = head.len();
-    let trickle = tokio::spawn(async move {
-        let mut sent = 0;
-        for b in head.bytes() {
-            if tx.write_all(&[b]).await.is_err() {
-                break;
-            }
-            sent += 1;
-            tokio::time::sleep(step).await;
-        }
-        sent
-    });
-    let answer = read_until_closed(&mut rx).await;
-    let closed_after = t0.elapsed();
-    let sent = within("the trickle to stop", trickle)
-        .await
-        .expect("the trickling task does not panic");
-    assert!(sent < head_len, "the whole head went through: {sent} bytes");
-    assert!(
-        answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
-        "answered a head it never finished reading: {}",
-        String::from_utf8_lossy(&answer)
-    );
+    let (rx, tx) = tcp.into_split();
+    let (closed_after, sent) = head_cut_off(rx, tx, head, step, t0).await;
     assert!(
         closed_after >= timeout && closed_after <= timeout + Duration::from_secs(1),
         "closed after {closed_after:?}, {sent} bytes in"

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use shardcast::{Config, Relay, Server, Stats};
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -430,4 +430,40 @@ pub async fn stats_until(s: &TestServer, what: &str, done: impl Fn(&Stats) -> bo
         Ok(stats) => stats,
         Err(_) => panic!("never saw {what} in {WAIT:?}; last counters seen: {last:?}"),
     }
+}
+
+/// Sends `head` to `tx` one byte per `step` (flushing each, for TLS) while reading `rx` until
+/// the server closes, and checks the server cut the head off: not every byte went through and
+/// nothing but a 408 came back. Answers when it closed (since `t0`) and how many bytes it took.
+pub async fn head_cut_off(
+    mut rx: impl AsyncRead + Unpin,
+    mut tx: impl AsyncWrite + Unpin + Send + 'static,
+    head: String,
+    step: Duration,
+    t0: tokio::time::Instant,
+) -> (Duration, usize) {
+    let head_len = head.len();
+    let trickle = tokio::spawn(async move {
+        let mut sent = 0;
+        for b in head.bytes() {
+            if tx.write_all(&[b]).await.is_err() || tx.flush().await.is_err() {
+                break;
+            }
+            sent += 1;
+            tokio::time::sleep(step).await;
+        }
+        sent
+    });
+    let answer = read_until_closed(&mut rx).await;
+    let closed_after = t0.elapsed();
+    let sent = within("the trickle to stop", trickle)
+        .await
+        .expect("the trickling task does not panic");
+    assert!(sent < head_len, "the whole head went through: {sent} bytes");
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
+        "answered a head it never finished reading: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    (closed_after, sent)
 }
