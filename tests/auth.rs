@@ -88,7 +88,7 @@ async fn tokens_gate_upgrades_by_topic() {
             101,
         ),
     ] {
-        let (got, text) = s.http(&ws_request(&path, &extra)).await;
+        let (got, text) = within("an http answer", s.http(&ws_request(&path, &extra))).await;
         assert_eq!(got, status, "{path} {extra}: {text}");
         if status == 401 {
             assert!(
@@ -111,22 +111,42 @@ async fn a_token_without_publish_rights_gets_1008_on_data() {
     let writer = hs256(serde_json::json!({
         "exp": in_an_hour(), "subscribe": ["room"], "publish": ["room"],
     }));
-    let mut r = s.connect(&format!("/ws/room?token={reader}")).await;
-    let mut w = s.connect(&format!("/ws/room?token={writer}")).await;
-    send_text(&mut w, "from the writer").await;
+    let mut r = within(
+        "a handshake",
+        s.connect(&format!("/ws/room?token={reader}")),
+    )
+    .await;
+    let mut w = within(
+        "a handshake",
+        s.connect(&format!("/ws/room?token={writer}")),
+    )
+    .await;
+    within("a send", send_text(&mut w, "from the writer")).await;
     assert_eq!(
-        next_data(&mut r).await.into_text().unwrap(),
+        within("the next message", next_data(&mut r))
+            .await
+            .into_text()
+            .expect("a text message"),
         "from the writer"
     );
-    send_text(&mut r, "from the reader").await;
-    assert_eq!(close_code(&mut r).await, Some(1008));
+    within("a send", send_text(&mut r, "from the reader")).await;
+    assert_eq!(within("the close", close_code(&mut r)).await, Some(1008));
     // The writer got its own message, and nothing from the reader.
     assert_eq!(
-        next_data(&mut w).await.into_text().unwrap(),
+        within("the next message", next_data(&mut w))
+            .await
+            .into_text()
+            .expect("a text message"),
         "from the writer"
     );
-    send_text(&mut w, "still here").await;
-    assert_eq!(next_data(&mut w).await.into_text().unwrap(), "still here");
+    within("a send", send_text(&mut w, "still here")).await;
+    assert_eq!(
+        within("the next message", next_data(&mut w))
+            .await
+            .into_text()
+            .expect("a text message"),
+        "still here"
+    );
     drop((r, w));
     s.stop().await;
 }
@@ -136,7 +156,11 @@ async fn http_publish_takes_an_api_key_or_a_publishing_token() {
     let s = start(jwt_config(&["key-one", "key-two"])).await;
     let sub = hs256(serde_json::json!({"exp": in_an_hour(), "subscribe": ["prices.*"]}));
     let publisher = hs256(serde_json::json!({"exp": in_an_hour(), "publish": ["prices.*"]}));
-    let mut ws = s.connect(&format!("/ws/prices.eur?token={sub}")).await;
+    let mut ws = within(
+        "a handshake",
+        s.connect(&format!("/ws/prices.eur?token={sub}")),
+    )
+    .await;
     for (auth, status) in [
         (None, 401),
         (Some("key-three"), 401),
@@ -145,13 +169,23 @@ async fn http_publish_takes_an_api_key_or_a_publishing_token() {
         (Some(publisher.as_str()), 202),
     ] {
         let req = publish_request("/publish/prices.eur", auth, "tick");
-        assert_eq!(s.http(&req).await.0, status, "{auth:?}");
+        assert_eq!(
+            within("an http answer", s.http(&req)).await.0,
+            status,
+            "{auth:?}"
+        );
     }
     // The query string carries a token too.
     let req = publish_request(&format!("/publish/prices.eur?token={publisher}"), None, "q");
-    assert_eq!(s.http(&req).await.0, 202);
+    assert_eq!(within("an http answer", s.http(&req)).await.0, 202);
     for expected in ["tick", "tick", "q"] {
-        assert_eq!(next_data(&mut ws).await.into_text().unwrap(), expected);
+        assert_eq!(
+            next_data(&mut ws)
+                .await
+                .into_text()
+                .expect("a text message"),
+            expected
+        );
     }
     drop(ws);
     s.stop().await;
@@ -162,9 +196,14 @@ async fn api_keys_alone_protect_publish_but_not_subscribe() {
     let mut c = config();
     c.auth.api_keys = vec![Secret::new(b"k".as_slice())];
     let s = start(c).await;
-    let mut ws = s.connect("/ws/open").await;
+    let mut ws = within("a handshake", s.connect("/ws/open")).await;
     assert_eq!(
-        s.http(&publish_request("/publish/open", None, "x")).await.0,
+        within(
+            "an http answer",
+            s.http(&publish_request("/publish/open", None, "x"))
+        )
+        .await
+        .0,
         401
     );
     assert_eq!(
@@ -173,7 +212,13 @@ async fn api_keys_alone_protect_publish_but_not_subscribe() {
             .0,
         202
     );
-    assert_eq!(next_data(&mut ws).await.into_text().unwrap(), "y");
+    assert_eq!(
+        next_data(&mut ws)
+            .await
+            .into_text()
+            .expect("a text message"),
+        "y"
+    );
     drop(ws);
     s.stop().await;
 }
@@ -194,7 +239,7 @@ async fn origins_outside_the_allowlist_get_403() {
         ("Origin: https://example.org\r\n", 403),
         ("Origin: null\r\n", 403),
     ] {
-        let (got, text) = s.http(&ws_request("/ws/o", origin)).await;
+        let (got, text) = within("an http answer", s.http(&ws_request("/ws/o", origin))).await;
         assert_eq!(got, status, "{origin}: {text}");
     }
     assert_eq!(
@@ -213,10 +258,10 @@ async fn the_per_address_limit_gives_429_and_frees_on_close() {
     })
     .await;
     let ip = s.addr.ip();
-    let mut a = s.connect("/ws/ip").await;
-    let b = s.connect("/ws/ip").await;
+    let mut a = within("a handshake", s.connect("/ws/ip")).await;
+    let b = within("a handshake", s.connect("/ws/ip")).await;
     assert_eq!(s.relay.connections_from(ip), 2);
-    let (status, _) = s.http(&ws_request("/ws/ip", "")).await;
+    let (status, _) = within("an http answer", s.http(&ws_request("/ws/ip", ""))).await;
     assert_eq!(status, 429);
     assert_eq!(
         s.relay
@@ -228,7 +273,7 @@ async fn the_per_address_limit_gives_429_and_frees_on_close() {
     );
     // Closing one gives its place back once the shard frees it.
     a.send(Message::Close(None)).await.expect("send close");
-    assert_eq!(close_code(&mut a).await, Some(1000));
+    assert_eq!(within("the close", close_code(&mut a)).await, Some(1000));
     drop(a);
     tokio::time::timeout(Duration::from_secs(10), async {
         while s.relay.connections_from(ip) != 1 {
@@ -237,7 +282,7 @@ async fn the_per_address_limit_gives_429_and_frees_on_close() {
     })
     .await
     .expect("the closed connection is freed");
-    let c = s.connect("/ws/ip").await;
+    let c = within("a handshake", s.connect("/ws/ip")).await;
     assert_eq!(s.relay.connections_from(ip), 2);
     drop((b, c));
     s.stop().await;
@@ -294,7 +339,11 @@ async fn publishing_faster_than_the_rate_closes_with_1008() {
         ..config()
     })
     .await;
-    let mut watcher = within("the watcher's handshake", s.connect("/ws/rate")).await;
+    let mut watcher = within(
+        "the watcher's handshake",
+        within("a handshake", s.connect("/ws/rate")),
+    )
+    .await;
 
     // One more than the burst at one instant: the burst goes out, the extra one closes.
     let mut fast = within("a raw client's handshake", raw_ws(s.addr, "/ws/rate")).await;

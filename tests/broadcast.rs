@@ -55,7 +55,9 @@ async fn five_hundred_clients_on_four_shards_get_every_message_in_order() {
         .expect("send");
     }
     assert_eq!(
-        within("the publisher's reader", own).await.unwrap(),
+        within("the publisher's reader", own)
+            .await
+            .expect("the publisher's reader does not panic"),
         MESSAGES
     );
     let mut open = Vec::new();
@@ -131,7 +133,7 @@ async fn opcode_is_preserved() {
         futures_util::SinkExt::send(&mut a, Message::binary(vec![0u8, 159, 146, 150])),
     )
     .await
-    .unwrap();
+    .expect("the server takes it");
     expect_next(&mut b, "the text at b", Message::text("text")).await;
     expect_next(
         &mut b,
@@ -194,10 +196,10 @@ async fn topics_are_isolated() {
         within(
             "the marker's publish",
             s.relay
-                .publish(&Topic::new(t).unwrap(), Opcode::Text, b"end"),
+                .publish(&Topic::new(t).expect("a valid topic"), Opcode::Text, b"end"),
         )
         .await
-        .unwrap();
+        .expect("the relay takes the publish");
     }
     expect_next(&mut red, "red's marker", Message::text("end")).await;
     expect_next(&mut blue, "blue's marker", Message::text("end")).await;
@@ -205,11 +207,14 @@ async fn topics_are_isolated() {
     assert_eq!(
         within(
             "the publish to green",
-            s.relay
-                .publish(&Topic::new("green").unwrap(), Opcode::Text, b"x")
+            s.relay.publish(
+                &Topic::new("green").expect("a valid topic"),
+                Opcode::Text,
+                b"x"
+            )
         )
         .await
-        .unwrap(),
+        .expect("the relay takes the publish"),
         0
     );
 }
@@ -310,7 +315,7 @@ async fn http_endpoints_answer_with_the_documented_statuses() {
         assert_eq!(got, want, "{path} with {} bytes", body.len());
     }
     // Server-side publish obeys the same limit.
-    let t = Topic::new("t").unwrap();
+    let t = Topic::new("t").expect("a valid topic");
     let too_big = within(
         "the oversized publish",
         s.relay.publish(&t, Opcode::Binary, &[0; 1001]),

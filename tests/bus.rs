@@ -611,7 +611,9 @@ impl Proxy {
                     continue;
                 };
                 let link = Arc::new(Link::default());
-                l.lock().unwrap().push(Arc::clone(&link));
+                l.lock()
+                    .expect("no test thread panicked holding the lock")
+                    .push(Arc::clone(&link));
                 let (mut nr, mut nw) = node.into_split();
                 let (mut br, mut bw) = broker.into_split();
                 let up_link = Arc::clone(&link);
@@ -646,18 +648,24 @@ impl Proxy {
                     let _ = nw.shutdown().await;
                 });
                 t.lock()
-                    .unwrap()
+                    .expect("no test thread panicked holding the lock")
                     .extend([up.abort_handle(), down.abort_handle()]);
             }
         });
-        tasks.lock().unwrap().push(accept.abort_handle());
+        tasks
+            .lock()
+            .expect("no test thread panicked holding the lock")
+            .push(accept.abort_handle());
         Self { port, links, tasks }
     }
 
     /// Silences the open connections: Redis's pub/sub ones when `subscribers_only`, else all.
     /// Returns how many.
     fn gag(&self, subscribers_only: bool) -> usize {
-        let links = self.links.lock().unwrap();
+        let links = self
+            .links
+            .lock()
+            .expect("no test thread panicked holding the lock");
         let mut n = 0;
         for link in links.iter() {
             if !subscribers_only || link.subscriber.load(Ordering::Relaxed) {

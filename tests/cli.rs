@@ -376,8 +376,8 @@ fn bad_values_exit_with_code_2_and_name_the_flag() {
 
 #[test]
 fn an_address_in_use_exits_with_code_1() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let addr = taken.local_addr().expect("the bound address").to_string();
     let out = run(shardcast().args(["--listen", &addr]));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);

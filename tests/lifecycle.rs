@@ -49,15 +49,16 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
         ..config()
     })
     .await;
-    let topic = Topic::new("firehose").unwrap();
+    let topic = Topic::new("firehose").expect("a valid topic");
 
     // A raw client with a small receive buffer that completes the handshake and never reads
     // until the server has dropped it.
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
+    let sock = TcpSocket::new_v4().expect("a socket");
+    sock.set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
     let tcp = within("the slow client's connect", sock.connect(s.addr))
         .await
-        .unwrap();
+        .expect("connect to the test server");
     let mut slow = Some(
         within(
             "the slow client's handshake",
@@ -76,7 +77,7 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
             else {
                 panic!("binary expected")
             };
-            let seq = u64::from_be_bytes(b[..8].try_into().unwrap());
+            let seq = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
             if seq == u64::MAX {
                 return (got, fast);
             }
@@ -95,7 +96,7 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
             s.relay.publish(&topic, Opcode::Binary, &payload),
         )
         .await
-        .unwrap();
+        .expect("the relay takes the publish");
         sent += 1;
         let stats = stats_now(&s).await;
         assert!(
@@ -116,7 +117,7 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
                 while let Some((op, p)) = read_server_frame(&mut sock).await {
                     match op {
                         0x2 => {
-                            let seq = u64::from_be_bytes(p[..8].try_into().unwrap());
+                            let seq = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
                             assert_eq!(seq, seen, "the slow client's frames out of order");
                             seen += 1;
                         }
@@ -147,7 +148,7 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
         s.relay.publish(&topic, Opcode::Binary, &payload),
     )
     .await
-    .unwrap();
+    .expect("the relay takes the publish");
     let (got, fast) = within("the fast client's reader", reader)
         .await
         .expect("fast client got every message in order");
@@ -235,11 +236,14 @@ async fn client_that_answers_pings_stays_connected() {
     assert!(t0.elapsed() >= PING * 10);
     within(
         "the publish",
-        s.relay
-            .publish(&Topic::new("hb").unwrap(), Opcode::Text, b"still here"),
+        s.relay.publish(
+            &Topic::new("hb").expect("a valid topic"),
+            Opcode::Text,
+            b"still here",
+        ),
     )
     .await
-    .unwrap();
+    .expect("the relay takes the publish");
     assert_eq!(
         within("the message after ten pings", next_data(&mut ws)).await,
         Message::text("still here")
@@ -302,7 +306,7 @@ async fn client_ping_gets_a_pong() {
         ws.send(Message::Ping(b"are you there".to_vec().into())),
     )
     .await
-    .unwrap();
+    .expect("the server takes it");
     loop {
         match within("the pong", ws.next()).await {
             Some(Ok(Message::Pong(p))) => {
@@ -345,7 +349,9 @@ async fn shutdown_sends_1001_to_every_client_and_completes() {
     // Returns once the server's future has completed; the drain takes at most its timeout.
     within("the server's future", s.stop()).await;
     for r in readers {
-        let close = within("a client's close frame", r).await.unwrap();
+        let close = within("a client's close frame", r)
+            .await
+            .expect("the reading task does not panic");
         assert_eq!(close, going_away());
     }
 }
@@ -397,20 +403,21 @@ async fn a_write_that_makes_no_progress_drops_the_client_after_the_write_timeout
         ..config()
     })
     .await;
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
+    let sock = TcpSocket::new_v4().expect("a socket");
+    sock.set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
     let tcp = within("the stuck client's connect", sock.connect(s.addr))
         .await
-        .unwrap();
+        .expect("connect to the test server");
     let _stuck = within("the stuck client's handshake", raw_ws_on(tcp, "/ws/stuck")).await;
-    let topic = Topic::new("stuck").unwrap();
+    let topic = Topic::new("stuck").expect("a valid topic");
     for _ in 0..1024 {
         within(
             "a publish",
             s.relay.publish(&topic, Opcode::Binary, &[1; 16 * 1024]),
         )
         .await
-        .unwrap();
+        .expect("the relay takes the publish");
     }
     let queued = stats_now(&s).await.queued_bytes;
     assert!(
