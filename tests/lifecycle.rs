@@ -7,7 +7,6 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use shardcast::{Config, DisconnectReason, Opcode, RejectReason, Topic};
-use tokio::net::TcpSocket;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -53,12 +52,7 @@ async fn slow_consumer_is_dropped_and_everyone_else_gets_everything() {
 
     // A raw client with a small receive buffer that completes the handshake and never reads
     // until the server has dropped it.
-    let sock = TcpSocket::new_v4().expect("a socket");
-    sock.set_recv_buffer_size(4096)
-        .expect("a small receive buffer");
-    let tcp = within("the slow client's connect", sock.connect(s.addr))
-        .await
-        .expect("connect to the test server");
+    let tcp = small_buffer_connect(s.addr, "the slow client's connect").await;
     let mut slow = Some(
         within(
             "the slow client's handshake",
@@ -403,12 +397,7 @@ async fn a_write_that_makes_no_progress_drops_the_client_after_the_write_timeout
         ..config()
     })
     .await;
-    let sock = TcpSocket::new_v4().expect("a socket");
-    sock.set_recv_buffer_size(4096)
-        .expect("a small receive buffer");
-    let tcp = within("the stuck client's connect", sock.connect(s.addr))
-        .await
-        .expect("connect to the test server");
+    let tcp = small_buffer_connect(s.addr, "the stuck client's connect").await;
     let _stuck = within("the stuck client's handshake", raw_ws_on(tcp, "/ws/stuck")).await;
     let topic = Topic::new("stuck").expect("a valid topic");
     for _ in 0..1024 {

@@ -467,3 +467,23 @@ pub async fn head_cut_off(
     );
     (closed_after, sent)
 }
+
+/// The next data message on `ws` as text (bounded by [`within`]).
+pub async fn next_text(ws: &mut Ws) -> String {
+    within("the next message", next_data(ws))
+        .await
+        .into_text()
+        .expect("a text message")
+        .to_string()
+}
+
+/// A TCP connection to `addr` whose receive buffer is only 4 KiB, so that a client that does
+/// not read soon stops the server's writes.
+pub async fn small_buffer_connect(addr: SocketAddr, what: &str) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("a socket");
+    sock.set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
+    within(what, sock.connect(addr))
+        .await
+        .expect("connect to the test server")
+}
