@@ -10,7 +10,8 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use shardcast::{FanoutFixture, TimerWheel};
+use shardcast_core::TimerWheel;
+use shardcast_core::internals::FanoutFixture;
 
 /// Publishes between two queue drains; the drain is not timed.
 const BURST: usize = 16;

@@ -8,9 +8,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand};
 
 use crate::bus::{BusConfig, BusUrl};
-use crate::config::{
-    AuthConfig, Config, JwtKey, LogFormat, Secret, TlsConfig, parse_duration, parse_size,
-};
+use crate::{AuthConfig, Config, JwtKey, LogFormat, Secret, TlsConfig, parse_duration, parse_size};
 
 /// A WebSocket broadcast relay: what is published to a topic reaches every subscriber.
 #[derive(Debug, Parser)]
@@ -52,7 +50,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDCAST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Number of hub shards [default: number of cores].
-    #[arg(long, env = "SHARDCAST_SHARDS", value_parser = clap::value_parser!(u16).range(1..=crate::config::MAX_SHARDS as i64))]
+    #[arg(long, env = "SHARDCAST_SHARDS", value_parser = clap::value_parser!(u16).range(1..=crate::MAX_SHARDS as i64))]
     pub shards: Option<u16>,
     /// The server pings each client this often.
     #[arg(long, env = "SHARDCAST_PING_INTERVAL", default_value = "20s", value_parser = positive_duration)]
@@ -251,9 +249,7 @@ impl ServeArgs {
         };
         let config = Config {
             listen: self.listen,
-            shards: self
-                .shards
-                .map_or_else(crate::config::default_shards, usize::from),
+            shards: self.shards.map_or_else(crate::default_shards, usize::from),
             ping_interval: self.ping_interval,
             pong_timeout: self.pong_timeout,
             max_message_bytes: self.max_message_bytes,

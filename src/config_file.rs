@@ -14,7 +14,7 @@ use toml::Spanned;
 use crate::Error;
 use crate::bus::BusUrl;
 use crate::cli::ServeArgs;
-use crate::config::{LogFormat, MAX_DURATION, MAX_SHARDS, parse_duration, parse_size};
+use crate::{LogFormat, MAX_DURATION, MAX_SHARDS, parse_duration, parse_size};
 
 /// Every key the file may hold. Each is optional; unknown keys are errors.
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -234,7 +234,7 @@ impl FileConfig {
             listen: Some(args.listen),
             shards: Some(
                 args.shards
-                    .unwrap_or_else(|| crate::config::default_shards() as u16),
+                    .unwrap_or_else(|| crate::default_shards() as u16),
             ),
             ping_interval: Some(args.ping_interval),
             pong_timeout: Some(args.pong_timeout),

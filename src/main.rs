@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use shardcast::cli::{Cli, Command};
-use shardcast::{Config, LogFormat, Stop};
+use shardcast::{LogFormat, Prepared, Stop};
 use tokio::sync::watch;
 
 #[global_allocator]
@@ -29,10 +29,13 @@ fn main() -> ExitCode {
         None => (cli.serve, false),
         Some(tool) => return loadgen(tool),
     };
-    let resolved = args
-        .with_file(sub)
-        .and_then(|args| args.clone().into_config().map(|c| (args, c)));
-    let (args, config) = match resolved {
+    // Flags, variables and the file become a checked configuration in one step; the key
+    // and certificate files are read here, once (exit 2 if they are bad).
+    let resolved = args.with_file(sub).and_then(|args| {
+        let prepared = args.clone().into_config()?.prepare()?;
+        Ok((args, prepared))
+    });
+    let (args, prepared) = match resolved {
         Ok(r) => r,
         Err(e) => {
             eprintln!("shardcast: {e}");
@@ -43,8 +46,8 @@ fn main() -> ExitCode {
         print!("{}", args.to_toml());
         return ExitCode::SUCCESS;
     }
-    init_logging(config.log_format);
-    match run(config) {
+    init_logging(prepared.config().log_format);
+    match run(prepared) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shardcast: {e:#}");
@@ -70,7 +73,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let config = prepared.config().clone();
     // Many connections need many descriptors; the soft limit is often far below the hard one.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(nofile) => {
@@ -101,7 +105,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         let metrics = config.metrics_listen.map(shardcast::bind).transpose()?;
         let shards = config.shards;
         let addr = listener.local_addr().unwrap_or(addr); // the real port when 0 was asked
-        let mut server = shardcast::Server::new(listener, config)?;
+        let mut server = shardcast::Server::prepared(listener, prepared)?;
         if let Some(m) = metrics {
             server = server.with_metrics_listener(m);
         }

@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shardcast::bus::envelope::{Envelope, HEADER_LEN, Kind, decode, encode};
+use shardcast_server::bus::envelope::{Envelope, HEADER_LEN, Kind, decode, encode};
 
 fuzz_target!(|data: &[u8]| {
     // Decoding arbitrary bytes: an error, or an envelope that is exactly these bytes.

@@ -12,9 +12,9 @@
 
 use fastwebsockets::{OpCode, Role, WebSocket};
 use libfuzzer_sys::fuzz_target;
-use shardcast::Opcode;
-use shardcast::frame::{encode, header_len};
-use shardcast::fuzzing::control;
+use shardcast_core::Opcode;
+use shardcast_core::frame::{encode, header_len};
+use shardcast_server::fuzzing::control;
 
 /// Close codes the server sends (`frame::close_code`).
 const SERVER_CODES: [u16; 8] = [1000, 1001, 1002, 1007, 1008, 1009, 4008, 4012];

@@ -1,5 +1,5 @@
 //! Feeds arbitrary request bytes through routing, topic and query parsing, the upgrade and
-//! publish header checks and token extraction (`shardcast::handshake`), under an open and a
+//! publish header checks and token extraction (`shardcast_server::handshake`), under an open and a
 //! locked-down policy.
 //!
 //! The bytes are parsed as an HTTP/1.1 request head the way hyper does (httparse); requests
@@ -15,9 +15,9 @@ use std::sync::OnceLock;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use libfuzzer_sys::fuzz_target;
-use shardcast::auth::Auth;
-use shardcast::handshake::{self, Policy, Publish, RejectReason, Route};
-use shardcast::{AuthConfig, JwtKey, Secret, Topic};
+use shardcast_server::auth::Auth;
+use shardcast_server::handshake::{self, Policy, Publish, RejectReason, Route};
+use shardcast_server::{AuthConfig, JwtKey, Secret, Topic};
 
 struct Policies {
     open: Auth,

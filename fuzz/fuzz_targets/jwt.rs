@@ -20,8 +20,8 @@ use hmac::{Hmac, Mac};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use sha2::Sha256;
-use shardcast::auth::{Auth, JWT_LEEWAY_SECS, TopicPattern};
-use shardcast::{AuthConfig, JwtKey, Secret};
+use shardcast_server::auth::{Auth, JWT_LEEWAY_SECS, TopicPattern};
+use shardcast_server::{AuthConfig, JwtKey, Secret};
 
 const KEY: &[u8] = b"fuzz-secret";
 const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;

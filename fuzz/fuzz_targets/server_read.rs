@@ -1,5 +1,5 @@
 //! Arbitrary client bytes after an established upgrade, through the server's production read
-//! path (`shardcast::fuzzing::server_read`: `conn.rs`'s reader over a `UnixStream` pair, with
+//! path (`shardcast_server::fuzzing::server_read`: `conn.rs`'s reader over a `UnixStream` pair, with
 //! the shard's inbox observed), and through its frame parser alone, split at input-derived
 //! points.
 //!
@@ -19,9 +19,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shardcast::fuzzing::{Access, Options, Sent, control, server_read, split_frame};
-use shardcast::reader::{Event, FrameReader, ProtocolError};
-use shardcast::{DisconnectReason, Opcode};
+use shardcast_server::fuzzing::{Access, Options, Sent, control, server_read, split_frame};
+use shardcast_core::reader::{Event, FrameReader, ProtocolError};
+use shardcast_core::{DisconnectReason, Opcode};
 
 /// Close codes the server ever sends (`frame::close_code`).
 const SERVER_CODES: [u16; 8] = [1000, 1001, 1002, 1007, 1008, 1009, 4008, 4012];
@@ -193,7 +193,7 @@ fn check_reader(
                 }
                 match options.access.refusal() {
                     None => {
-                        let frame = shardcast::frame::encode(*opcode, payload);
+                        let frame = shardcast_core::frame::encode(*opcode, payload);
                         assert_eq!(got, Some(Sent::Publish(frame)), "a publish");
                         published += 1;
                     }

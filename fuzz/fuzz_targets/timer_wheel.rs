@@ -1,4 +1,4 @@
-//! Drives `shardcast::TimerWheel` with arbitrary insert, touch, remove and advance operations
+//! Drives `shardcast_core::TimerWheel` with arbitrary insert, touch, remove and advance operations
 //! and checks it against a `BTreeMap` model of deadlines, with lazy cancellation as the shard
 //! does it: an entry is `(key, id)` and applies only while `id` is still the key's current one.
 //!
@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use shardcast::TimerWheel;
+use shardcast_core::TimerWheel;
 
 /// Keys the ops pick from, like a shard's client slab keys: few, so that ops collide.
 const KEYS: u8 = 16;

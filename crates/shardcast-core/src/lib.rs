@@ -1,0 +1,46 @@
+//! shardcast-core: the broadcast engine. It takes a message for a topic and writes it to
+//! every local WebSocket client subscribed to that topic; it knows no HTTP, no configuration
+//! format, no TLS, no credentials and no broker (the server crate brings those).
+//!
+//! The components, in the order a message meets them:
+//! - `engine`: [`Engine`], the handle: the one local publish function, reservation of
+//!   connections, the [`Interest`] map (which shards have which topics), the drain, stats.
+//! - `frame`: encodes each published frame once; close codes.
+//! - `shard`: hub shards that own clients, fan out, write, and run heartbeats.
+//! - `wheel`: the timer wheel each shard drives.
+//! - `reader`: [`FrameReader`](reader::FrameReader), the buffer-free parser of client frames.
+//! - `socket`: [`Socket`], a TCP stream or the local end of a TLS pump.
+//! - `topic`, `disconnect`, `stats`, `units`, `error`: the shared vocabulary.
+//!
+//! See `docs/ARCHITECTURE.md` for the invariants that hold these together.
+
+mod disconnect;
+mod engine;
+mod error;
+pub mod frame;
+pub mod reader;
+mod shard;
+mod socket;
+mod stats;
+mod topic;
+pub mod units;
+mod wheel;
+
+pub use disconnect::{DisconnectCounts, DisconnectReason};
+pub use engine::{
+    Engine, EngineConfig, Guard, Interest, InterestWatcher, MAX_SHARDS, Slot, Source, Stats,
+};
+pub use error::Error;
+pub use frame::Opcode;
+pub use shard::ConnShared;
+pub use socket::Socket;
+pub use stats::{FANOUT_BOUNDS, Histogram, QUEUE_BOUNDS};
+pub use topic::{MAX_TOPIC_LEN, Topic, TopicError};
+pub use wheel::TimerWheel;
+
+/// Hooks for tests, benches and fuzz targets; not part of the API (feature `internals`).
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::shard::{FanoutFixture, ShardMsg};
+}
