@@ -415,7 +415,7 @@
 
   function niceCeil(v) {
     const p = 10 ** Math.floor(Math.log10(v));
-    for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+    for (const m of [1, 2, 4, 8, 10]) if (m * p >= v) return m * p; // quarters stay round
     return 10 * p;
   }
 
