@@ -233,7 +233,7 @@ scrape_configs:
                 check(False, f"{where}: {e}")
                 continue
             if where.startswith("rule: "):
-                check(True, f"{where}: evaluates ({len(res)} firing now)")
+                check(True, f"{where}: evaluates ({len(res)} series over the threshold now, before its for:)")
             else:
                 check(len(res) > 0, f"{where}: {len(res)} series")
 

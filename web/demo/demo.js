@@ -6,10 +6,12 @@
 (() => {
   const params = new URLSearchParams(location.search);
   const TOPIC_RE = /^[A-Za-z0-9._:-]{1,128}$/;
-  // ?server=host:port points the page at another relay (for serving the page from elsewhere
-  // while developing); by default the page talks to the server that served it.
+  // ?server=host:port points the page at another relay, for serving the page from elsewhere
+  // while developing. It is honoured only on a page loaded from loopback, so a link cannot
+  // aim a production page at a stranger's server; otherwise the page talks to its server.
   const serverParam = params.get('server');
-  const host = serverParam && /^[A-Za-z0-9.:[\]-]{1,300}$/.test(serverParam) ? serverParam : location.host;
+  const loopback = ['127.0.0.1', 'localhost', '[::1]'].includes(location.hostname);
+  const host = loopback && serverParam && /^[A-Za-z0-9.:[\]-]{1,300}$/.test(serverParam) ? serverParam : location.host;
   const wsScheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
   const httpOrigin = `${location.protocol === 'https:' ? 'https:' : 'http:'}//${host}`;
   const wsUrl = (topic) => `${wsScheme}//${host}/ws/${topic}`;
@@ -395,7 +397,7 @@
       ctx.lineTo(w - pad.r, y);
       ctx.stroke();
       const label = top * (1 - i / 4);
-      ctx.fillText(label >= 100 ? label.toFixed(0) : label.toPrecision(2), 4, y + 4);
+      ctx.fillText(label === 0 || label >= 100 ? label.toFixed(0) : label.toPrecision(2), 4, y + 4);
     }
     for (const s of series) {
       ctx.strokeStyle = css.getPropertyValue(`--${s.color}`);
