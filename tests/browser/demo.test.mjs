@@ -178,6 +178,16 @@ test('two pages chat, survive a server restart, and measure fan-out', { timeout:
   for (const p of pages) {
     await p.waitForFunction(() => document.querySelector('#conn').dataset.state !== 'connected', null, WAIT);
   }
+  // While it is down, the retries back off: the k-th wait is drawn from [d/2, d], d = 250 ms * 2^k.
+  for (const p of pages) {
+    await p.waitForFunction(() => window.shardcastDemo.chat.waits.length >= 4, null, WAIT);
+    const waits = await p.evaluate(() => window.shardcastDemo.chat.waits);
+    waits.slice(0, 4).forEach((w, k) => {
+      const d = 250 * 2 ** k;
+      assert.ok(w >= d / 2 && w <= d, `retry ${k} waited ${w} ms, outside [${d / 2}, ${d}]`);
+    });
+    assert.match(await p.textContent('#conn-text'), /^(reconnecting in [\d.]+ s \(attempt \d+\)|connecting)$/);
+  }
   server = await startServer(port);
   for (const p of pages) await p.waitForFunction(connectedAtLeast, 2, { timeout: 30000 });
 

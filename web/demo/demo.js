@@ -41,6 +41,7 @@
       this.attempt = 0;
       this.connects = 0; // how many times this link has been connected
       this.retryAt = 0;
+      this.waits = []; // the last few back-off waits, ms (shown to tests)
       this.timers = {};
     }
 
@@ -48,6 +49,7 @@
       this.topic = topic;
       this.attempt = 0;
       this.connects = 0;
+      this.waits = [];
       this.teardown();
       this.connect();
     }
@@ -87,6 +89,7 @@
       const delay = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** this.attempt);
       const wait = Math.round(delay / 2 + Math.random() * (delay / 2));
       this.attempt = Math.min(this.attempt + 1, 16);
+      this.waits = [...this.waits.slice(-15), wait];
       this.retryAt = Date.now() + wait;
       this.timers.retry = setTimeout(() => this.connect(), wait);
       this.setState('reconnecting');
