@@ -38,7 +38,7 @@ dpkg-deb -c "$deb" | awk '{print $1, $6}' > "$work/contents"
 cat "$work/contents"
 # Debian 12 tools put the unit under /lib, newer ones under /usr/lib: either is fine.
 unit_path=$(awk '$2 ~ /^\.(\/usr)?\/lib\/systemd\/system\/shardcast\.service$/ {print substr($2, 2)}' "$work/contents")
-[ -n "$unit_path" ] || fail "no shardcast.service under /lib/systemd/system"
+[ -n "$unit_path" ] || fail "no shardcast.service under /usr/lib/systemd/system or /lib/systemd/system"
 expect() { # path, mode prefix
   grep -qE "^$2 \\.$1\$" "$work/contents" || fail "missing $1 (mode $2)"
 }
