@@ -1,4 +1,4 @@
-// Real-browser test of the demo page that shardcast serves at `/` (web/demo): Debian's chromium
+// Real-browser test of the demo page that shardcast serves at `/` (crates/shardcast-server/assets/demo): Debian's chromium
 // driven by playwright-core. It starts the shardcast binary itself, opens two pages, chats
 // between them, restarts the server on the same port, checks that both pages reconnect and
 // chat again, runs the fan-out probe, and saves screenshots to docs/img/.
@@ -7,7 +7,7 @@
 //
 // Environment:
 //   SHARDCAST_BIN          the binary to run (default: target/release/shardcast of this repo)
-//   SHARDCAST_DEMO_STATIC  a directory (web/demo) to serve from a static server of this script
+//   SHARDCAST_DEMO_STATIC  a directory (crates/shardcast-server/assets/demo) to serve from a static server of this script
 //                          instead of the relay's own `/`; the page then gets ?server=HOST:PORT
 //   CHROMIUM               the browser (default /usr/bin/chromium); never downloaded
 //   SHARDCAST_SCREENSHOTS  directory for demo.png and demo-fanout.png (default docs/img)

@@ -28,6 +28,8 @@ pub enum Route<'a> {
     Ws,
     /// `/publish/{topic}`, with the raw topic.
     Publish(&'a str),
+    /// `/` and the files of the browser demo page (`demo.rs`), by path.
+    Demo(&'a str),
     NotFound,
 }
 
@@ -42,6 +44,8 @@ pub fn route(path: &str) -> Route<'_> {
         Route::Ws
     } else if let Some(topic) = path.strip_prefix("/publish/") {
         Route::Publish(topic)
+    } else if crate::demo::asset(path).is_some() {
+        Route::Demo(path)
     } else {
         Route::NotFound
     }

@@ -86,6 +86,9 @@ pub(crate) async fn handle(
             let topic = topic.to_owned();
             publish(req, &topic, relay, peer).await
         }
+        Route::Demo(path) if endpoint == Endpoint::Main && relay.serves_demo() => {
+            demo(&req, path, &relay, peer)
+        }
         _ => refuse(
             &relay,
             peer,
@@ -93,6 +96,40 @@ pub(crate) async fn handle(
         ),
     };
     Ok(res)
+}
+
+/// A file of the browser demo, for `GET` or `HEAD`.
+fn demo(req: &Request<Incoming>, path: &str, relay: &Relay, peer: SocketAddr) -> Response<Body> {
+    let Some((content_type, body)) = crate::demo::asset(path) else {
+        let r = Rejection::new(StatusCode::NOT_FOUND, RejectReason::NotFound, "not found\n");
+        return refuse(relay, peer, r);
+    };
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        let r = Rejection::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            RejectReason::MethodNotAllowed,
+            "use GET\n",
+        );
+        return refuse(relay, peer, r);
+    }
+    let body = if req.method() == hyper::Method::HEAD {
+        Bytes::new()
+    } else {
+        Bytes::from_static(body.as_bytes())
+    };
+    let mut res = Response::new(Full::new(body));
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(crate::demo::CONTENT_SECURITY_POLICY),
+    );
+    res
 }
 
 async fn metrics(relay: &Relay) -> Response<Body> {

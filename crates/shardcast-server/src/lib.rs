@@ -12,6 +12,7 @@
 //! - `conn`: a connection's reader task (the parser is the engine's `FrameReader`).
 //! - `relay`: [`Relay`], the publish function (engine, then bus), admission and stats.
 //! - `bus`: joins nodes through Redis, Redis Cluster or NATS (`--bus`).
+//! - `demo`: the browser demo page at `/` (on by default only on loopback).
 //! - `metrics`: the Prometheus rendering of [`Stats`] for `GET /metrics`.
 //! - `config`: the validated [`Config`].
 //!
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod bus;
 mod config;
 mod conn;
+mod demo;
 mod error;
 pub mod handshake;
 mod http;

@@ -35,6 +35,8 @@ struct Shared {
     /// The bus to the other nodes (`--bus`); `None` for a standalone node. Publish hands it
     /// every message that did not come from it, after local delivery.
     bus: Option<Arc<Bus>>,
+    /// Serve the browser demo at `/` (decided once at start: `demo::enabled`).
+    demo: bool,
 }
 
 /// A cheap, cloneable handle on a running relay: publish server-side and read counters.
@@ -95,7 +97,13 @@ impl Drop for IpSlot {
 }
 
 impl Relay {
-    pub(crate) fn new(config: Config, auth: Auth, engine: Engine, bus: Option<Arc<Bus>>) -> Self {
+    pub(crate) fn new(
+        config: Config,
+        auth: Auth,
+        engine: Engine,
+        bus: Option<Arc<Bus>>,
+        demo: bool,
+    ) -> Self {
         let permits = Arc::new(Semaphore::new(
             config.max_connections.min(Semaphore::MAX_PERMITS),
         ));
@@ -108,6 +116,7 @@ impl Relay {
                 auth,
                 rejections: Rejections::default(),
                 bus,
+                demo,
             }),
         }
     }
@@ -122,6 +131,11 @@ impl Relay {
 
     pub(crate) fn engine(&self) -> &Engine {
         &self.shared.engine
+    }
+
+    /// Whether `/` serves the browser demo.
+    pub(crate) fn serves_demo(&self) -> bool {
+        self.shared.demo
     }
 
     /// Publishes `payload` to every subscriber of `topic`. This is the single publish function

@@ -48,11 +48,11 @@ impl Server {
     /// Starts a configuration already checked and loaded by [`Config::prepare`].
     pub fn prepared(listener: TcpListener, prepared: Prepared) -> Result<Self, Error> {
         let Prepared { config, auth, tls } = prepared;
-        if let Ok(addr) = listener.local_addr()
-            && let Some(what) = config.auth.open_access_warning(addr)
-        {
-            tracing::warn!(%addr, "{what}; set --jwt-secret or --jwt-public-key (docs/security.md)");
+        let local = listener.local_addr().map_err(Error::LocalAddr)?;
+        if let Some(what) = config.auth.open_access_warning(local) {
+            tracing::warn!(addr = %local, "{what}; set --jwt-secret or --jwt-public-key (docs/security.md)");
         }
+        let demo = crate::demo::enabled(&config, local);
         // The bus hears of the engine's interest changes; the engine gets the bus's messages.
         let (engine, shards, bus) = match config.bus.clone() {
             Some(bus_config) => {
@@ -68,7 +68,7 @@ impl Server {
             }
         };
         let (bus, bus_task) = bus.unzip();
-        let relay = Relay::new(config, auth, engine, bus);
+        let relay = Relay::new(config, auth, engine, bus, demo);
         Ok(Self {
             listener,
             relay,

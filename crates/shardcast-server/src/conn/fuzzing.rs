@@ -191,7 +191,7 @@ pub(crate) fn detached_relay(config: Config) -> (Relay, Vec<mpsc::Receiver<Shard
     // The default (open) auth config always parses.
     let auth = Auth::new(&config.auth).expect("the default auth is valid");
     let (engine, inboxes) = Engine::without_shards(config.engine());
-    (Relay::new(config, auth, engine, None), inboxes)
+    (Relay::new(config, auth, engine, None, false), inboxes)
 }
 
 async fn run(wire: &[u8], options: &Options) -> Outcome {

@@ -1,4 +1,4 @@
-// Logic of the shardcast browser demo (web/demo/index.html): a reconnecting WebSocket link
+// Logic of the shardcast browser demo (crates/shardcast-server/assets/demo/index.html): a reconnecting WebSocket link
 // (exponential back-off with jitter), the chat room on /ws/{topic}, and the fan-out view that
 // publishes timestamped probes on a probe topic and measures their round trip through the relay.
 // State for tests and curious readers: window.shardcastDemo, and data-* attributes on #conn.
