@@ -314,6 +314,40 @@ async fn invalid_utf8_text_gets_1007() {
 }
 
 #[tokio::test]
+async fn invalid_utf8_mid_frame_gets_1007_before_the_frame_ends() {
+    let scene = Scene::start(config()).await;
+    // A frame announcing 1000 bytes of text, invalid from byte 120 on. Only its header and
+    // first 150 bytes are sent, in two chops, and the rest never comes: without a check made
+    // as the bytes arrive, no close could come (heartbeats are an hour away).
+    let mut payload = "ok €, ".repeat(200).into_bytes();
+    payload.truncate(1000);
+    payload[120] = 0xff;
+    let alone = client_frame(true, OP_TEXT, &payload);
+    // The same frame as the continuation of a fragment that ends inside a "€" (E2 82 AC),
+    // which the continuation's first byte completes.
+    let mut after_fragment = client_frame(false, OP_TEXT, &[b'a', 0xe2, 0x82]);
+    payload[0] = 0xac;
+    after_fragment.extend(client_frame(true, OP_CONT, &payload));
+    for (what, wire) in [("one frame", alone), ("a continuation", after_fragment)] {
+        let mut raw = scene.raw_client().await;
+        raw.set_nodelay(true)
+            .expect("TCP_NODELAY on the raw client");
+        let second_chop = wire.len() - payload.len() + 100;
+        raw_send(&mut raw, &wire[..second_chop]).await;
+        raw_send(&mut raw, &wire[second_chop..second_chop + 50]).await;
+        let close = within("the close for invalid UTF-8", raw_close_frame(&mut raw)).await;
+        let want = (1007, "text message is not valid utf-8".to_string());
+        assert_eq!(close, Some(want), "{what}");
+        let after = read_until_closed(&mut raw).await;
+        assert!(
+            after.is_empty(),
+            "{what}: bytes after the close frame: {after:?}"
+        );
+    }
+    scene.finish(&[(ProtocolError, 2)], &[]).await;
+}
+
+#[tokio::test]
 async fn code_point_split_across_fragments_is_delivered() {
     let mut scene = Scene::start(config()).await;
     let mut raw = scene.raw_client().await;

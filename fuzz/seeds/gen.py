@@ -50,6 +50,12 @@ server_read("close_1000", frame(0x8, struct.pack(">H", 1000) + b"bye"))
 server_read("close_then_text", frame(0x8, b"") + frame(0x1, b"ignored"))
 server_read("unmasked_text", frame(0x1, b"Hello", mask=False))
 server_read("bad_utf8", frame(0x1, b"\xc3\x28 invalid"))
+# A frame announcing 1000 bytes of text, cut off after 130: invalid at byte 120 (mid-frame).
+mid = bytearray(("ok \u20ac, " * 125).encode()[:1000]); mid[120] = 0xFF
+server_read("bad_utf8_mid_frame", frame(0x1, bytes(mid))[:8 + 130], seed=9)
+server_read("utf8_split_fragments", frame(0x1, "a\u20ac".encode()[:3], fin=False) + frame(0x9, b"")
+            + frame(0x0, "\u20ac\U0001F600".encode()[2:6], fin=False) + frame(0x0, "\U0001F600".encode()[3:]))
+server_read("utf8_incomplete_at_fin", frame(0x1, b"a", fin=False) + frame(0x0, "\U0001F600".encode()[:3]))
 server_read("over_limit", frame(0x2, bytes(100)), limit=64, seed=3)
 server_read("fragments_over_limit", frame(0x1, b"a" * 40, fin=False) + frame(0x0, b"b" * 40),
             limit=64, seed=1)

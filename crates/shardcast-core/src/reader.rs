@@ -61,7 +61,8 @@ enum State {
 ///
 /// Invariants: `msg` is non-empty only while a data message is in progress
 /// (`msg_opcode.is_some()`), and `msg.len()` never exceeds `max_message`. `ctrl` is allocated
-/// only while a control frame's payload is being read.
+/// only while a control frame's payload is being read. For a text message,
+/// `msg.len() - utf8_checked` is at most 3: the start of a character still incomplete.
 #[derive(Debug)]
 pub struct FrameReader {
     max_message: usize,
@@ -76,8 +77,11 @@ pub struct FrameReader {
     /// Opcode of the fragmented data message in progress, if any.
     msg_opcode: Option<Opcode>,
     msg: Vec<u8>,
-    /// Length of the prefix of a text `msg` already known to be valid UTF-8 and to end on a
-    /// character boundary: each fragment is checked as it completes, so bad text fails fast.
+    /// Length of the prefix of a text `msg` known to be valid UTF-8 and to end on a character
+    /// boundary. Each piece of payload is checked as it is fed, so bad text fails at the feed
+    /// that brings it, even mid-frame. The bytes after it (at most 3, a character not complete
+    /// yet) are the partial code point carried to the next feed; they stay in `msg`, so the
+    /// carry costs no field and each byte is validated once, plus at most 3 bytes per feed.
     utf8_checked: usize,
     ctrl: Vec<u8>,
 }
@@ -139,7 +143,8 @@ impl FrameReader {
                     let take = remaining.min(input.len());
                     let (chunk, rest) = input.split_at(take);
                     input = rest;
-                    let dst = if is_control(self.opcode) {
+                    let control = is_control(self.opcode);
+                    let dst = if control {
                         &mut self.ctrl
                     } else {
                         &mut self.msg
@@ -148,6 +153,13 @@ impl FrameReader {
                     dst.extend_from_slice(chunk);
                     unmask(&mut dst[start..], self.mask, self.mask_pos);
                     self.mask_pos = (self.mask_pos + take) % 4;
+                    if !control
+                        && self.msg_opcode == Some(Opcode::Text)
+                        && let Err(e) = self.check_utf8()
+                    {
+                        self.state = State::Done;
+                        return Err(e);
+                    }
                     if take == remaining {
                         if let Err(e) = self.end_frame(out) {
                             self.state = State::Done;
@@ -300,24 +312,29 @@ impl FrameReader {
                 let opcode = self.msg_opcode.take().unwrap_or(Opcode::Binary);
                 let payload = std::mem::take(&mut self.msg);
                 let checked = std::mem::take(&mut self.utf8_checked);
-                // The checked prefix ends on a character boundary, so the rest stands alone.
-                if opcode == Opcode::Text
-                    && simdutf8::basic::from_utf8(&payload[checked..]).is_err()
-                {
+                // Every byte was checked as it arrived; what is left unchecked is a character
+                // the message ends inside.
+                if opcode == Opcode::Text && checked != payload.len() {
                     return Err(not_utf8());
                 }
                 out.push(Event::Message { opcode, payload });
             }
-            _ if self.msg_opcode == Some(Opcode::Text) => {
-                // A fragment may end inside a character; only an invalid sequence fails now.
-                match simdutf8::compat::from_utf8(&self.msg[self.utf8_checked..]) {
-                    Ok(_) => self.utf8_checked = self.msg.len(),
-                    Err(e) if e.error_len().is_none() => self.utf8_checked += e.valid_up_to(),
-                    Err(_) => return Err(not_utf8()),
-                }
-            }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Checks the text bytes appended to `msg` since the last check, starting with the partial
+    /// character carried from before. Fails at once on bytes that can never be valid UTF-8; a
+    /// character merely incomplete at the end is kept unchecked for the next feed.
+    fn check_utf8(&mut self) -> Result<(), ProtocolError> {
+        match simdutf8::compat::from_utf8(&self.msg[self.utf8_checked..]) {
+            Ok(_) => self.utf8_checked = self.msg.len(),
+            // `error_len() == None`: the input ends inside a character that may still be valid.
+            Err(e) if e.error_len().is_none() => self.utf8_checked += e.valid_up_to(),
+            Err(_) => return Err(not_utf8()),
+        }
+        debug_assert!(self.msg.len() - self.utf8_checked <= 3);
         Ok(())
     }
 }
@@ -416,6 +433,113 @@ mod tests {
         let (ev, res) = feed_all(1024, &wire, 1);
         assert_eq!(res, Ok(()));
         assert_eq!(ev.len(), 1);
+    }
+
+    #[test]
+    fn invalid_text_fails_in_the_chop_that_brings_it_before_the_frame_ends() {
+        let mut payload = "valid start ".repeat(100).into_bytes();
+        payload.truncate(1000);
+        // Each case: bytes at 150.., where the second chop stops. From the third on, the chop
+        // ends inside what would be a character, but no later byte could make it valid.
+        for bad in [
+            &[0xFF][..],
+            &[0xC3, 0x28],
+            &[0xE0, 0x80],
+            &[0xED, 0xA0],
+            &[0xF4, 0x90],
+            &[0xC0],
+            &[0xF5],
+        ] {
+            let mut p = payload.clone();
+            p[150..150 + bad.len()].copy_from_slice(bad);
+            let wire = client_frame(true, OP_TEXT, &p);
+            let header = wire.len() - p.len();
+            let mut r = FrameReader::new(1 << 20);
+            let mut out = Vec::new();
+            r.feed(&wire[..header + 100], &mut out)
+                .expect("the first chop is valid text");
+            let err = r
+                .feed(&wire[header + 100..header + 150 + bad.len()], &mut out)
+                .expect_err("the second chop must fail before the frame ends");
+            assert_eq!(err, not_utf8(), "{bad:x?}");
+            assert!(r.is_done() && out.is_empty());
+        }
+    }
+
+    #[test]
+    fn code_point_split_across_chops_and_fragments_is_accepted() {
+        let text = "a€😀é中".as_bytes();
+        // Two fragments split at every byte, each fragment fed in chops of every small size,
+        // so every character is split across fragments and across chops, with a ping between.
+        for at in 0..=text.len() {
+            let mut wire = client_frame(false, OP_TEXT, &text[..at]);
+            wire.extend(client_frame(true, OP_PING, b""));
+            wire.extend(client_frame(true, OP_CONT, &text[at..]));
+            for piece in 1..=5 {
+                let (ev, res) = feed_all(1024, &wire, piece);
+                assert_eq!(res, Ok(()), "split at {at}, chops of {piece}");
+                assert_eq!(
+                    ev,
+                    vec![
+                        Event::Ping(Vec::new()),
+                        Event::Message {
+                            opcode: Opcode::Text,
+                            payload: text.to_vec()
+                        }
+                    ],
+                    "split at {at}, chops of {piece}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn message_ending_inside_a_character_is_refused_at_its_end() {
+        let euro = "€".as_bytes();
+        let one_frame = client_frame(true, OP_TEXT, &[b'a', euro[0], euro[1]]);
+        let final_fragment = fragmented(&[b"a", &euro[..2]]);
+        let empty_final = fragmented(&[&euro[..1], b""]);
+        for wire in [one_frame, final_fragment, empty_final] {
+            for piece in [1, 2, wire.len()] {
+                let (ev, res) = feed_all(1024, &wire, piece);
+                assert_eq!(res, Err(not_utf8()), "{wire:x?} in chops of {piece}");
+                assert!(ev.is_empty());
+            }
+        }
+        // Until the final fragment, an incomplete character is not an error.
+        let mut r = FrameReader::new(1024);
+        r.feed(&client_frame(false, OP_TEXT, &euro[..2]), &mut Vec::new())
+            .expect("the message may still complete the character");
+    }
+
+    #[test]
+    fn large_text_in_one_byte_chops_is_accepted() {
+        // 1 MiB fed a byte at a time: re-validating the message on each feed would take
+        // about 2^39 byte checks and never finish.
+        let max = 1 << 20;
+        let unit = "ascii, é, €, 😀; ";
+        let mut text = unit.repeat(max / unit.len()).into_bytes();
+        text.extend(std::iter::repeat_n(b'.', max - text.len()));
+        // Two fragments, split inside a character.
+        let at = (max / 2..)
+            .find(|&i| text[i] & 0xC0 == 0x80)
+            .expect("a continuation byte");
+        let wire = fragmented(&[&text[..at], &text[at..]]);
+        let (ev, res) = feed_all(max, &wire, 1);
+        assert_eq!(res, Ok(()));
+        assert!(
+            matches!(&ev[..], [Event::Message { opcode: Opcode::Text, payload }] if *payload == text)
+        );
+    }
+
+    /// A text message sent as one fragment per part.
+    fn fragmented(parts: &[&[u8]]) -> Vec<u8> {
+        let last = parts.len() - 1;
+        parts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| client_frame(i == last, if i == 0 { OP_TEXT } else { OP_CONT }, p))
+            .collect()
     }
 
     fn code_of(wire: &[u8], max: usize) -> u16 {
