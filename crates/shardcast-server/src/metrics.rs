@@ -20,10 +20,16 @@ use crate::{DisconnectReason, Stats};
 /// The content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Renders `stats` in the OpenMetrics text format, every series prefixed `shardcast_`.
-pub fn render(stats: Stats) -> String {
-    let mut registry = Registry::with_prefix("shardcast");
-    registry.register_collector(Box::new(Snapshot(stats)));
+/// Renders `stats` in the OpenMetrics text format: the node's series prefixed `shardcast_`,
+/// and the usual `process_*` series (descriptors, resident memory) under their own names.
+pub fn render(mut stats: Stats) -> String {
+    let mut registry = Registry::default();
+    if let Some(p) = stats.process.take() {
+        registry.register_collector(Box::new(p));
+    }
+    registry
+        .sub_registry_with_prefix("shardcast")
+        .register_collector(Box::new(Snapshot(stats)));
     let mut out = String::new();
     // Writing into a String cannot fail, and every metric below encodes infallibly.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
@@ -32,6 +38,67 @@ pub fn render(stats: Stats) -> String {
 
 #[derive(Debug)]
 struct Snapshot(Stats);
+
+/// What the kernel says of this process, read from `/proc/self` at scrape time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    /// Descriptors open now.
+    pub open_fds: u64,
+    /// The soft limit on open descriptors.
+    pub max_fds: u64,
+    /// Resident memory, in bytes.
+    pub resident_bytes: u64,
+}
+
+impl Process {
+    /// `None` where `/proc` is not mounted or reads as something else.
+    pub fn read() -> Option<Self> {
+        // The listing's own descriptor is in it: leave it out.
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()?
+            .count()
+            .checked_sub(1)? as u64;
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let max_fds = field(&limits, "Max open files", 0)?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let resident_bytes = field(&status, "VmRSS:", 0)? * 1024;
+        Some(Self {
+            open_fds,
+            max_fds,
+            resident_bytes,
+        })
+    }
+}
+
+/// The `n`th number after `label` on the line that starts with it.
+fn field(text: &str, label: &str, n: usize) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(label))?;
+    line[label.len()..].split_whitespace().nth(n)?.parse().ok()
+}
+
+impl Collector for Process {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        gauge(
+            &mut enc,
+            "process_open_fds",
+            "Open file descriptors",
+            self.open_fds as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "process_max_fds",
+            "The soft limit on open file descriptors",
+            self.max_fds as i64,
+        )?;
+        let m = ConstGauge::new(self.resident_bytes as i64);
+        m.encode(enc.encode_descriptor(
+            "process_resident_memory",
+            "Resident memory",
+            Some(&Unit::Bytes),
+            m.metric_type(),
+        )?)
+    }
+}
 
 fn counter(
     enc: &mut DescriptorEncoder,
@@ -68,6 +135,28 @@ fn histogram(
 impl Collector for Snapshot {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let s = &self.0;
+        gauge(
+            &mut enc,
+            "ready",
+            "1 while /readyz answers 200; 0 once the drain has started",
+            i64::from(s.ready),
+        )?;
+        gauge(
+            &mut enc,
+            "max_connections",
+            "The --max-connections limit",
+            s.max_connections as i64,
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "build_info",
+                "The running version, as a label",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [("version", env!("CARGO_PKG_VERSION"))];
+            ConstGauge::new(1).encode(m.encode_family(&labels)?)?;
+        }
         {
             let mut m = enc.encode_descriptor(
                 "connections",
@@ -244,7 +333,16 @@ mod tests {
     /// disconnect reasons its own sample, carrying that reason's count.
     #[test]
     fn every_listed_series_has_its_type_and_every_disconnect_reason_its_sample() {
-        let mut stats = Stats::default();
+        let mut stats = Stats {
+            ready: true,
+            max_connections: 500,
+            process: Some(Process {
+                open_fds: 12,
+                max_fds: 1024,
+                resident_bytes: 4096,
+            }),
+            ..Stats::default()
+        };
         stats.engine.shard_connections = vec![3, 4];
         let reasons = [
             "client_close",
@@ -290,6 +388,12 @@ mod tests {
         for sample in [
             "shardcast_connections{shard=\"0\"} 3",
             "shardcast_connections{shard=\"1\"} 4",
+            "shardcast_ready 1\n",
+            "shardcast_max_connections 500\n",
+            "shardcast_build_info{version=\"",
+            "\nprocess_open_fds 12\n",
+            "\nprocess_max_fds 1024\n",
+            "\nprocess_resident_memory_bytes 4096\n",
         ] {
             assert!(text.contains(sample), "{sample} missing from:\n{text}");
         }

@@ -60,6 +60,12 @@ pub struct Stats {
     pub rejections: RejectionCounts,
     /// The bus's counters; `None` for a standalone node.
     pub bus: Option<BusStats>,
+    /// Whether `/readyz` answers 200 (false once the drain has started).
+    pub ready: bool,
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// The process's descriptors and memory; `None` where `/proc` cannot be read.
+    pub process: Option<crate::metrics::Process>,
 }
 
 impl Deref for Stats {
@@ -252,6 +258,9 @@ impl Relay {
             engine: self.shared.engine.stats().await,
             rejections: self.shared.rejections.snapshot(),
             bus: self.shared.bus.as_ref().map(|b| b.stats()),
+            ready: !self.is_draining(),
+            max_connections: self.shared.config.max_connections,
+            process: crate::metrics::Process::read(),
         }
     }
 
