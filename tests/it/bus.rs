@@ -21,7 +21,7 @@
 //!   (`PUBSUB NUMSUB`, `PUBSUB SHARDNUMSUB` on every cluster primary, NATS `/connz?subs=1`).
 //!   Nothing pushes that state to a client, so it is polled, bounded by [`WAIT`]; so is a
 //!   node's own bus flag, which the library exposes only as a getter (see [`poll`]).
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

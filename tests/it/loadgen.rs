@@ -1,6 +1,6 @@
 //! The load generator against an in-process relay: every scenario, run briefly through the
 //! library API with counts rather than durations, and the `sub`/`pub` tools as a binary.
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
