@@ -1,7 +1,7 @@
 //! TLS and key handling over real sockets: `wss://` and `https://` on one port with a
 //! certificate made at runtime, a plain-text client refused without harm, one handshake
 //! deadline for TLS and the request head, and ES256 and RS256 tokens checked against a PEM
-//! public key. Client publishing and JWT grants in general are in `tests/auth.rs`.
+//! public key. Client publishing and JWT grants in general are in `auth.rs`.
 use crate::common;
 
 use std::sync::Arc;
