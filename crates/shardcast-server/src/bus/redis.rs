@@ -47,14 +47,7 @@ impl Session {
             reason,
         };
         let cluster = url.kind == BusKind::RedisCluster;
-        let config = if cluster {
-            Config {
-                server: ServerConfig::new_clustered(url.hosts.clone()),
-                ..Config::default()
-            }
-        } else {
-            Config::from_url_centralized(url.as_str()).map_err(|e| fail(reason(e)))?
-        };
+        let config = config(url).map_err(|e| fail(reason(e)))?;
         // No reconnect policy: a lost connection ends the session (see the module doc).
         let build = |events: usize| {
             let mut builder = Builder::from_config(config.clone());
@@ -189,6 +182,36 @@ impl Drop for Session {
     }
 }
 
+/// fred's settings for `url`: one node, or the cluster's seed nodes. The user and password
+/// go to every node: fred authenticates each connection it opens, to the seeds and to the
+/// primaries it discovers, with the one `Config`.
+fn config(url: &BusUrl) -> Result<Config, fred::error::Error> {
+    if url.kind != BusKind::RedisCluster {
+        return Config::from_url_centralized(url.as_str());
+    }
+    let (username, password) = credentials(url)?;
+    Ok(Config {
+        server: ServerConfig::new_clustered(url.hosts.clone()),
+        username,
+        password,
+        ..Config::default()
+    })
+}
+
+/// The user and password of a `redis+cluster://user:password@host:port,host:port` URL
+/// (either may be empty), decoded by fred's own URL parser, as a single node's are, so
+/// percent-escapes mean the same in both. fred cannot parse the cluster URL itself: it takes
+/// only one address.
+fn credentials(url: &BusUrl) -> Result<(Option<String>, Option<String>), fred::error::Error> {
+    // Credentials end at the last '@', as in `BusUrl::from_str`.
+    let rest = url.as_str().split_once("://").map_or("", |(_, rest)| rest);
+    let Some((userinfo, _)) = rest.rsplit_once('@') else {
+        return Ok((None, None));
+    };
+    let one = Config::from_url_centralized(&format!("redis://{userinfo}@127.0.0.1"))?;
+    Ok((one.username, one.password))
+}
+
 /// Channels grouped by cluster hash slot.
 fn by_slot(channels: Vec<String>) -> BTreeMap<u16, Vec<String>> {
     let mut groups: BTreeMap<u16, Vec<String>> = BTreeMap::new();
@@ -199,4 +222,41 @@ fn by_slot(channels: Vec<String>) -> BTreeMap<u16, Vec<String>> {
             .push(c);
     }
     groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(url: &str) -> (ServerConfig, Option<String>, Option<String>) {
+        let c = config(&url.parse().expect("a valid bus URL")).expect("a fred config");
+        (c.server, c.username, c.password)
+    }
+
+    #[test]
+    fn cluster_credentials_reach_the_config() {
+        let (server, user, password) = parts("redis+cluster://:s3cret@10.0.0.1:7000,10.0.0.2:7001");
+        assert_eq!(
+            server,
+            ServerConfig::new_clustered(vec![("10.0.0.1", 7000), ("10.0.0.2", 7001)])
+        );
+        assert_eq!((user, password), (None, Some("s3cret".into())));
+        let (_, user, password) = parts("redis+cluster://app:p%40ss%3Aw@h:7000");
+        assert_eq!(
+            (user, password),
+            (Some("app".into()), Some("p@ss:w".into()))
+        );
+        let (_, user, password) = parts("redis+cluster://h1:7000,h2:7001");
+        assert_eq!((user, password), (None, None));
+    }
+
+    /// A single node and a cluster read the same credentials the same way.
+    #[test]
+    fn single_node_and_cluster_agree_on_credentials() {
+        for userinfo in [":pw", "user:pw", "user:", "u%2Fs:p%25w"] {
+            let (_, u1, p1) = parts(&format!("redis://{userinfo}@h:6379"));
+            let (_, u2, p2) = parts(&format!("redis+cluster://{userinfo}@h:7000,h:7001"));
+            assert_eq!((u1, p1), (u2, p2), "{userinfo}");
+        }
+    }
 }

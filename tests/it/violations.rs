@@ -1,6 +1,6 @@
 //! Protocol violations and refused handshakes over raw loopback sockets: exact close codes and
 //! HTTP statuses, their counters, no leaked connection, and a server that keeps serving.
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,8 +1,8 @@
 //! TLS and key handling over real sockets: `wss://` and `https://` on one port with a
 //! certificate made at runtime, a plain-text client refused without harm, one handshake
 //! deadline for TLS and the request head, and ES256 and RS256 tokens checked against a PEM
-//! public key. Client publishing and JWT grants in general are in `tests/auth.rs`.
-mod common;
+//! public key. Client publishing and JWT grants in general are in `auth.rs`.
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,8 +237,8 @@ async fn tls_and_the_request_head_share_one_handshake_deadline() {
 
 /// A committed RSA-2048 pair for tests only (see `tests/data/README.md`): rcgen on ring cannot
 /// generate RSA keys.
-const RS256_TEST_KEY: &[u8] = include_bytes!("data/rs256-test-key.pem");
-const RS256_TEST_PUBLIC_KEY: &[u8] = include_bytes!("data/rs256-test-key.pub.pem");
+const RS256_TEST_KEY: &[u8] = include_bytes!("../data/rs256-test-key.pem");
+const RS256_TEST_PUBLIC_KEY: &[u8] = include_bytes!("../data/rs256-test-key.pub.pem");
 
 #[tokio::test]
 async fn rs256_tokens_are_checked_against_a_pem_public_key() {

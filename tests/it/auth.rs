@@ -1,6 +1,6 @@
 //! Access control over real sockets: JWT grants on upgrades and client publishes, API keys and
 //! tokens on `POST /publish`, the origin allowlist, the per-address limit and the publish rate.
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Fan-out: exact counts and order across shards, opcodes, topic isolation, multi-topic
 //! subscribers and HTTP publish.
-mod common;
+use crate::common;
 
 use common::*;
 use futures_util::StreamExt;

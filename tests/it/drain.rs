@@ -1,7 +1,7 @@
 //! The storm-free drain, on paused time: `/readyz` turns 503 at once, clients keep being served
 //! for the drain delay, then get 1001 in batches spread over the drain timeout; a second
 //! request closes everything at once. Also `/metrics` and the health checks.
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,10 +5,11 @@
 //! delivery never pauses); a silent stall (a proxy swallows what the broker sends); a node
 //! killed with SIGKILL; interest-based subscription, batching and sharded pub/sub checked on
 //! the broker itself; and a measurement of the bus's throughput and added latency. The
-//! helpers for brokers, the proxy and node processes come first, the tests after.
+//! brokers, the silent proxy and process handles are in `common::brokers`; the helpers for
+//! nodes and messages come first here, the tests after.
 //!
 //! Needs `redis-server`, `redis-cli` and `nats-server` on the PATH, so every broker test is
-//! ignored by default: `cargo test --test bus -- --include-ignored`. Without a binary a test
+//! ignored by default: `cargo test --test it -- --include-ignored bus::`. Without a binary a test
 //! fails with a message saying what to install; it never passes without a broker. The last
 //! test needs no broker: a node whose broker is missing still serves locally.
 //!
@@ -21,669 +22,18 @@
 //!   (`PUBSUB NUMSUB`, `PUBSUB SHARDNUMSUB` on every cluster primary, NATS `/connz?subs=1`).
 //!   Nothing pushes that state to a client, so it is polled, bounded by [`WAIT`]; so is a
 //!   node's own bus flag, which the library exposes only as a getter (see [`poll`]).
-mod common;
+use crate::common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::brokers::*;
 use common::*;
 use futures_util::SinkExt;
 use shardcast::{BusConfig, BusStats, BusUrl, Config, Opcode, Topic};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::AbortHandle;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_tungstenite::tungstenite::Message;
-
-/// The channel prefix every node here uses (the default).
-const PREFIX: &str = "shardcast";
-
-// ---------------------------------------------------------------------------------------
-// Waiting
-
-/// Polls `ready` every 20 ms, for at most [`WAIT`], failing the test naming `what`.
-///
-/// Only for states nothing signals to a test: a broker process coming up, a broker's view of
-/// its subscribers, a node's bus flag (`Relay::bus_connected` is a getter; the relay offers
-/// no change notification to library users). Message flow never goes through this: that is
-/// awaited on the sockets themselves, with end markers.
-async fn poll<F: Future<Output = bool>>(what: &str, mut ready: impl FnMut() -> F) {
-    within(what, async {
-        while !ready().await {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
-
-// ---------------------------------------------------------------------------------------
-// Brokers
-
-/// Finds `bin` on the PATH (or in /usr/sbin, where Debian puts nats-server) or fails the
-/// test saying how to get it.
-fn need(bin: &str) -> String {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .chain([Path::new("/usr/sbin").to_path_buf()])
-        .map(|dir| dir.join(bin))
-        .find(|p| p.is_file());
-    match found {
-        Some(p) => p.display().to_string(),
-        None => panic!(
-            "{bin} is not installed: the bus tests need real brokers \
-             (Debian: apt-get install redis-server nats-server)"
-        ),
-    }
-}
-
-/// A port that was free a moment ago on 127.0.0.1.
-/// Never the same one twice in this process: the tests run in parallel, and the kernel may
-/// hand a just-released port out again.
-fn free_port() -> u16 {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let port = l.local_addr().expect("local addr").port();
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
-
-/// A process this test started (a broker or a shardcast node), killed when dropped (also
-/// when the test panics).
-struct Proc {
-    child: Child,
-    port: u16,
-    args: Vec<String>,
-    bin: String,
-}
-
-impl Proc {
-    fn spawn(bin: &str, args: Vec<String>, port: u16) -> Self {
-        let child = Command::new(bin)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to start {bin}: {e}"));
-        Self {
-            child,
-            port,
-            args,
-            bin: bin.to_string(),
-        }
-    }
-
-    /// SIGKILL, and reap it.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Starts the same process again, on the same port.
-    fn restart(&mut self) {
-        self.kill();
-        *self = Proc::spawn(&self.bin, self.args.clone(), self.port);
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill {sig} failed");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// One RESP value, as far as these tests read them.
-#[derive(Debug)]
-enum Resp {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Vec<Resp>),
-}
-
-impl Resp {
-    fn text(&self) -> String {
-        match self {
-            Self::Simple(s) | Self::Error(s) => s.clone(),
-            Self::Bulk(Some(b)) => String::from_utf8_lossy(b).into_owned(),
-            other => format!("{other:?}"),
-        }
-    }
-}
-
-/// Parses one RESP value at the start of `buf`: the value and the bytes it took, or `None`
-/// when `buf` does not hold a whole one yet.
-fn parse_resp(buf: &[u8]) -> Option<(Resp, usize)> {
-    let end = find(buf, b"\r\n")?;
-    let line = std::str::from_utf8(&buf[1..end]).ok()?;
-    let rest = end + 2;
-    match buf[0] {
-        b'+' => Some((Resp::Simple(line.into()), rest)),
-        b'-' => Some((Resp::Error(line.into()), rest)),
-        b':' => Some((Resp::Int(line.parse().ok()?), rest)),
-        b'$' => {
-            let Ok(n) = usize::try_from(line.parse::<i64>().ok()?) else {
-                return Some((Resp::Bulk(None), rest));
-            };
-            let body = buf.get(rest..rest + n)?;
-            buf.get(rest + n + 1)?;
-            Some((Resp::Bulk(Some(body.to_vec())), rest + n + 2))
-        }
-        b'*' => {
-            let n = line.parse::<i64>().ok()?.max(0);
-            let mut items = Vec::new();
-            let mut at = rest;
-            for _ in 0..n {
-                let (v, used) = parse_resp(&buf[at..])?;
-                items.push(v);
-                at += used;
-            }
-            Some((Resp::Array(items), at))
-        }
-        _ => None,
-    }
-}
-
-/// Sends one command to the Redis on `port` over a fresh connection and returns its reply,
-/// or `None` if nothing answers within a second (not started, stopped, or gone).
-async fn redis_cmd(port: u16, args: &[&str]) -> Option<Resp> {
-    let io = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req += &format!("${}\r\n{a}\r\n", a.len());
-        }
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            if let Some((v, _)) = parse_resp(&buf) {
-                return Some(v);
-            }
-            let n = s.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(1), io)
-        .await
-        .ok()
-        .flatten()
-}
-
-async fn redis_ready(port: u16) -> bool {
-    matches!(redis_cmd(port, &["PING"]).await, Some(Resp::Simple(s)) if s == "PONG")
-}
-
-/// Subscribers of `channel` on one Redis: `PUBSUB NUMSUB`, or `SHARDNUMSUB` for sharded
-/// pub/sub. A node that cannot be asked counts as having none.
-async fn redis_numsub(port: u16, shard: bool, channel: &str) -> usize {
-    let sub = if shard { "SHARDNUMSUB" } else { "NUMSUB" };
-    match redis_cmd(port, &["PUBSUB", sub, channel]).await {
-        Some(Resp::Array(v)) => match v.get(1) {
-            Some(Resp::Int(n)) => *n as usize,
-            _ => 0,
-        },
-        _ => 0,
-    }
-}
-
-/// `calls` of each command in `INFO commandstats`, by command name (`publish`, `spublish`).
-async fn commandstats(port: u16) -> HashMap<String, u64> {
-    let info = redis_cmd(port, &["INFO", "commandstats"])
-        .await
-        .expect("INFO commandstats")
-        .text();
-    info.lines()
-        .filter_map(|l| l.strip_prefix("cmdstat_"))
-        .filter_map(|l| {
-            let (name, rest) = l.split_once(':')?;
-            let calls = rest
-                .strip_prefix("calls=")?
-                .split(',')
-                .next()?
-                .parse()
-                .ok()?;
-            Some((name.to_string(), calls))
-        })
-        .collect()
-}
-
-/// GETs `path` from 127.0.0.1:`port` and returns the response (head and body), or `None` if
-/// nothing answers in full within a second.
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    let io = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        Some(String::from_utf8_lossy(&buf).into_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(1), io)
-        .await
-        .ok()
-        .flatten()
-}
-
-fn redis_args(port: u16, dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        &dir.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
-/// The Redis channel or NATS subject of `topic` (as the bus names it, default prefix).
-fn channel(kind: shardcast::BusKind, topic: &str) -> String {
-    match kind {
-        shardcast::BusKind::Nats => format!("{PREFIX}.{topic}"),
-        _ => format!("{PREFIX}:{topic}"),
-    }
-}
-
-/// What the tests do to a broker, whichever it is.
-trait TestBroker {
-    fn url(&self) -> BusUrl;
-    /// Kills every broker process.
-    fn kill(&mut self);
-    /// Starts them again on the same ports and waits until they serve.
-    async fn restart(&mut self);
-    /// Sends `sig` (`-STOP`, `-CONT`) to every broker process.
-    fn signal(&self, sig: &str);
-    /// Subscriptions to `topic`'s channel, as the broker counts them (every node of it).
-    async fn interest(&self, topic: &str) -> usize;
-}
-
-/// Waits until the broker counts exactly `n` subscriptions to `topic`.
-async fn interest_is(broker: &impl TestBroker, topic: &str, n: usize) {
-    let what = format!("the broker to count {n} subscriptions to {topic}");
-    poll(&what, || async move { broker.interest(topic).await == n }).await;
-}
-
-struct Redis {
-    broker: Proc,
-    _dir: tempfile::TempDir,
-}
-
-impl Redis {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let bin = need("redis-server");
-        let broker = Proc::spawn(&bin, redis_args(port, dir.path(), &[]), port);
-        poll("redis-server to answer PING", || redis_ready(port)).await;
-        Self { broker, _dir: dir }
-    }
-
-    fn port(&self) -> u16 {
-        self.broker.port
-    }
-}
-
-impl TestBroker for Redis {
-    fn url(&self) -> BusUrl {
-        format!("redis://127.0.0.1:{}", self.broker.port)
-            .parse()
-            .expect("redis url")
-    }
-
-    fn kill(&mut self) {
-        self.broker.kill();
-    }
-
-    async fn restart(&mut self) {
-        self.broker.restart();
-        let port = self.broker.port;
-        poll("redis-server to answer PING again", || redis_ready(port)).await;
-    }
-
-    fn signal(&self, sig: &str) {
-        self.broker.signal(sig);
-    }
-
-    async fn interest(&self, topic: &str) -> usize {
-        let ch = channel(shardcast::BusKind::Redis, topic);
-        redis_numsub(self.broker.port, false, &ch).await
-    }
-}
-
-struct RedisCluster {
-    nodes: Vec<Proc>,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisCluster {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cli = need("redis-cli");
-        let bin = need("redis-server");
-        let nodes: Vec<Proc> = (0..3)
-            .map(|_| {
-                let port = free_port();
-                let conf = dir.path().join(format!("nodes-{port}.conf"));
-                let conf = conf.display().to_string();
-                // The cluster bus defaults to port + 10000, past 65535 for half the
-                // ephemeral range: give it a free port of its own (Redis 7's cluster-port).
-                let bus_port = free_port().to_string();
-                let args = redis_args(
-                    port,
-                    dir.path(),
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &conf,
-                        "--cluster-port",
-                        &bus_port,
-                    ],
-                );
-                Proc::spawn(&bin, args, port)
-            })
-            .collect();
-        for n in &nodes {
-            let port = n.port;
-            poll("a cluster node to answer PING", || redis_ready(port)).await;
-        }
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let create = Command::new(&cli)
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output();
-        let out = within(
-            "redis-cli --cluster create",
-            tokio::task::spawn_blocking(move || create),
-        )
-        .await
-        .expect("redis-cli thread")
-        .expect("run redis-cli --cluster create");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let cluster = Self { nodes, _dir: dir };
-        cluster.wait_ok().await;
-        cluster
-    }
-
-    async fn wait_ok(&self) {
-        for n in &self.nodes {
-            let port = n.port;
-            poll("cluster_state:ok on every node", || async move {
-                redis_cmd(port, &["CLUSTER", "INFO"])
-                    .await
-                    .is_some_and(|r| r.text().contains("cluster_state:ok"))
-            })
-            .await;
-        }
-    }
-
-    fn ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(|n| n.port).collect()
-    }
-}
-
-impl TestBroker for RedisCluster {
-    fn url(&self) -> BusUrl {
-        let hosts: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        format!("redis+cluster://{}", hosts.join(","))
-            .parse()
-            .expect("cluster url")
-    }
-
-    fn kill(&mut self) {
-        for n in &mut self.nodes {
-            n.kill();
-        }
-    }
-
-    /// Restarts every node; each reloads its nodes-PORT.conf, so the cluster forms again.
-    async fn restart(&mut self) {
-        for n in &mut self.nodes {
-            n.restart();
-        }
-        self.wait_ok().await;
-    }
-
-    fn signal(&self, sig: &str) {
-        for n in &self.nodes {
-            n.signal(sig);
-        }
-    }
-
-    /// Summed over the primaries: only the one owning the channel's slot has subscribers.
-    async fn interest(&self, topic: &str) -> usize {
-        let ch = channel(shardcast::BusKind::RedisCluster, topic);
-        let mut n = 0;
-        for port in self.ports() {
-            n += redis_numsub(port, true, &ch).await;
-        }
-        n
-    }
-}
-
-struct Nats {
-    broker: Proc,
-    /// The monitoring port (`-m`), for `/connz?subs=1`.
-    monitor: u16,
-}
-
-impl Nats {
-    async fn start() -> Self {
-        let port = free_port();
-        let monitor = free_port();
-        let args = [
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-m",
-            &monitor.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let broker = Proc::spawn(&need("nats-server"), args, port);
-        let nats = Self { broker, monitor };
-        nats.wait_ready().await;
-        nats
-    }
-
-    async fn wait_ready(&self) {
-        let (port, monitor) = (self.broker.port, self.monitor);
-        poll("nats-server to send INFO and serve /varz", || async move {
-            let info = async {
-                let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-                let mut buf = [0u8; 4];
-                s.read_exact(&mut buf).await.ok()?;
-                Some(buf == *b"INFO")
-            };
-            let info = tokio::time::timeout(Duration::from_secs(1), info).await;
-            matches!(info, Ok(Some(true))) && http_get(monitor, "/varz").await.is_some()
-        })
-        .await;
-    }
-}
-
-impl TestBroker for Nats {
-    fn url(&self) -> BusUrl {
-        format!("nats://127.0.0.1:{}", self.broker.port)
-            .parse()
-            .expect("nats url")
-    }
-
-    fn kill(&mut self) {
-        self.broker.kill();
-    }
-
-    async fn restart(&mut self) {
-        self.broker.restart();
-        self.wait_ready().await;
-    }
-
-    fn signal(&self, sig: &str) {
-        self.broker.signal(sig);
-    }
-
-    /// Connections listing the subject among their subscriptions (each node subscribes to a
-    /// subject once).
-    async fn interest(&self, topic: &str) -> usize {
-        let subject = format!("\"{}\"", channel(shardcast::BusKind::Nats, topic));
-        http_get(self.monitor, "/connz?subs=1&limit=1024")
-            .await
-            .map_or(0, |r| r.matches(&subject).count())
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// A proxy that can go silent
-
-/// A TCP proxy on loopback in front of a broker. Once [`Proxy::gag`] is called, the bytes
-/// the broker sends on the connections open at that moment are read and thrown away: the
-/// node's side of the connection still looks healthy (writes succeed, nothing closes) but
-/// nothing comes back. Connections opened later are forwarded normally.
-struct Proxy {
-    port: u16,
-    links: Arc<Mutex<Vec<Arc<Link>>>>,
-    tasks: Arc<Mutex<Vec<AbortHandle>>>,
-}
-
-#[derive(Default)]
-struct Link {
-    /// The node sent a (S)SUBSCRIBE on it: Redis's pub/sub connection.
-    subscriber: AtomicBool,
-    gagged: AtomicBool,
-}
-
-impl Proxy {
-    async fn start(target: u16) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("proxy addr").port();
-        let links: Arc<Mutex<Vec<Arc<Link>>>> = Arc::default();
-        let tasks: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (l, t) = (Arc::clone(&links), Arc::clone(&tasks));
-        let accept = tokio::spawn(async move {
-            while let Ok((node, _)) = listener.accept().await {
-                let Ok(broker) = TcpStream::connect(("127.0.0.1", target)).await else {
-                    continue;
-                };
-                let link = Arc::new(Link::default());
-                l.lock()
-                    .expect("no test thread panicked holding the lock")
-                    .push(Arc::clone(&link));
-                let (mut nr, mut nw) = node.into_split();
-                let (mut br, mut bw) = broker.into_split();
-                let up_link = Arc::clone(&link);
-                let up = tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16384];
-                    while let Ok(n) = nr.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        if find(&buf[..n], b"SUBSCRIBE").is_some() {
-                            up_link.subscriber.store(true, Ordering::Relaxed);
-                        }
-                        if bw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                    let _ = bw.shutdown().await;
-                });
-                let down = tokio::spawn(async move {
-                    let mut buf = vec![0u8; 16384];
-                    while let Ok(n) = br.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        if link.gagged.load(Ordering::Relaxed) {
-                            continue;
-                        }
-                        if nw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                    let _ = nw.shutdown().await;
-                });
-                t.lock()
-                    .expect("no test thread panicked holding the lock")
-                    .extend([up.abort_handle(), down.abort_handle()]);
-            }
-        });
-        tasks
-            .lock()
-            .expect("no test thread panicked holding the lock")
-            .push(accept.abort_handle());
-        Self { port, links, tasks }
-    }
-
-    /// Silences the open connections: Redis's pub/sub ones when `subscribers_only`, else all.
-    /// Returns how many.
-    fn gag(&self, subscribers_only: bool) -> usize {
-        let links = self
-            .links
-            .lock()
-            .expect("no test thread panicked holding the lock");
-        let mut n = 0;
-        for link in links.iter() {
-            if !subscribers_only || link.subscriber.load(Ordering::Relaxed) {
-                link.gagged.store(true, Ordering::Relaxed);
-                n += 1;
-            }
-        }
-        n
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            t.abort();
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Nodes
@@ -732,7 +82,22 @@ async fn stop_all(nodes: Vec<TestServer>) {
 /// A `shardcast serve --bus` process, for a node that dies by SIGKILL.
 async fn spawn_node(url: &BusUrl) -> Proc {
     let port = free_port();
-    let args = [
+    let node = Proc::spawn(env!("CARGO_BIN_EXE_shardcast"), node_args(url, port), port);
+    serving(port).await;
+    node
+}
+
+/// [`spawn_node`] logging at `rust_log`, with the lines it logs.
+async fn spawn_node_logged(url: &BusUrl, rust_log: &str) -> (Proc, UnboundedReceiver<String>) {
+    let port = free_port();
+    let bin = env!("CARGO_BIN_EXE_shardcast");
+    let (node, log) = Proc::spawn_logged(bin, node_args(url, port), port, rust_log);
+    serving(port).await;
+    (node, log)
+}
+
+fn node_args(url: &BusUrl, port: u16) -> Vec<String> {
+    [
         "serve",
         "--listen",
         &format!("127.0.0.1:{port}"),
@@ -743,15 +108,37 @@ async fn spawn_node(url: &BusUrl) -> Proc {
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect();
-    let node = Proc::spawn(env!("CARGO_BIN_EXE_shardcast"), args, port);
+    .collect()
+}
+
+/// Waits until the shardcast process on `port` serves `/livez`.
+async fn serving(port: u16) {
     poll("the shardcast process to serve /livez", || async move {
         http_get(port, "/livez")
             .await
             .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
     })
     .await;
-    node
+}
+
+/// Reads `log` up to the first line that has `what` in it; returns every line read. Bounded
+/// by [`WAIT`].
+async fn log_until(log: &mut UnboundedReceiver<String>, what: &str) -> Vec<String> {
+    within(&format!("a log line with {what:?}"), async {
+        let mut lines = Vec::new();
+        while let Some(line) = log.recv().await {
+            let done = line.contains(what);
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+        panic!(
+            "the node's log ended without {what:?}:\n{}",
+            lines.join("\n")
+        )
+    })
+    .await
 }
 
 async fn ws_connect(addr: SocketAddr, path: &str) -> Ws {
@@ -1789,4 +1176,64 @@ async fn redis_cluster_subscriber_gets_messages_published_right_after_its_handsh
 #[ignore = "needs redis-server and nats-server"]
 async fn nats_subscriber_gets_messages_published_right_after_its_handshake() {
     handshake_waits_for_the_bus(Nats::start().await.url()).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Passwords
+
+/// The password the brokers of these tests want, and a wrong one.
+const PASSWORD: &str = "s3cret-bus";
+const WRONG: &str = "not-the-password";
+
+/// Two nodes whose `--bus` URL has the broker's password exchange a message on each of
+/// `topics` (for a cluster, one topic per primary, so every primary took the password).
+/// Then a node with the wrong password, or none, in its URL: it serves anyway, logs that the
+/// bus is unavailable with the broker's refusal (`refusal`) and without the password, keeps
+/// retrying with backoff (each attempt ends, none hangs), and reports the bus down in
+/// `/metrics`.
+async fn password(broker: &impl TestBroker, topics: &[String], refused: [(BusUrl, &str); 2]) {
+    let nodes = start_nodes(&broker.url(), 2).await;
+    many_topics(&nodes, topics).await;
+    stop_all(nodes).await;
+    for (url, refusal) in refused {
+        let (node, mut log) = spawn_node_logged(&url, "warn,shardcast_server::bus=debug").await;
+        let mut lines = log_until(&mut log, "bus unavailable").await;
+        let warning = lines.last().expect("the warning").clone();
+        assert!(warning.contains(refusal), "{url}: {warning}");
+        for _ in 0..2 {
+            lines.extend(log_until(&mut log, "bus reconnect attempt failed").await);
+        }
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.contains(PASSWORD) || l.contains(WRONG)),
+            "a password in the log:\n{}",
+            lines.join("\n")
+        );
+        let metrics = http_get(node.port, "/metrics").await.expect("/metrics");
+        assert_eq!(metric(&metrics, "shardcast_bus_connected"), 0.0, "{url}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn redis_password_reaches_the_broker() {
+    let redis = Redis::start_with(Some(PASSWORD)).await;
+    let refused = [
+        (redis.url_with(Some(WRONG)), "WRONGPASS"),
+        (redis.url_with(None), "NOAUTH"),
+    ];
+    password(&redis, &["room".into()], refused).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn redis_cluster_password_reaches_every_node() {
+    let cluster = RedisCluster::start_with(Some(PASSWORD)).await;
+    let refused = [
+        (cluster.url_with(Some(WRONG)), "WRONGPASS"),
+        (cluster.url_with(None), "NOAUTH"),
+    ];
+    let topics = topics_in_slots(&[100, 8000, 16000], 1).concat();
+    password(&cluster, &topics, refused).await;
 }

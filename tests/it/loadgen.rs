@@ -1,6 +1,6 @@
 //! The load generator against an in-process relay: every scenario, run briefly through the
 //! library API with counts rather than durations, and the `sub`/`pub` tools as a binary.
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -55,7 +55,7 @@ async fn fanout_delivers_every_message_once_and_in_order() {
 
 /// Several `--url`s: each topic's subscribers go round robin over them, and the report
 /// splits connections, deliveries and latency by URL. The two URLs name one server here (the
-/// cross-node run, with a broker, is in `tests/bus.rs`).
+/// cross-node run, with a broker, is in `bus.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_spreads_subscribers_over_several_urls() {
     let s = start(config()).await;

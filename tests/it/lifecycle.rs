@@ -1,6 +1,6 @@
 //! Connection lifecycle: slow consumers, heartbeats, admission and shutdown. Protocol
 //! violations and refused handshakes are in `violations.rs`.
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! Shared test harness: a relay on `127.0.0.1:0` and small WebSocket client helpers.
 #![allow(dead_code)]
 
+pub mod brokers;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
