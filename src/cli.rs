@@ -34,6 +34,8 @@ pub enum Command {
     Sub(crate::loadgen::SubArgs),
     /// Publish a message, or each line of stdin, over WebSocket or HTTP POST.
     Pub(crate::loadgen::PubArgs),
+    /// Watch the /metrics of one or several nodes, busiest first, refreshed each second.
+    Top(crate::loadgen::TopArgs),
     /// One worker process of `bench` (internal).
     #[command(name = "__bench-worker", hide = true)]
     BenchWorker,

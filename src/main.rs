@@ -135,7 +135,7 @@ fn stop_signals() -> std::io::Result<watch::Receiver<Stop>> {
     Ok(rx)
 }
 
-/// `bench`, `sub`, `pub` and the hidden bench worker: exit 2 for bad arguments, 1 for failure.
+/// `bench`, `sub`, `pub`, `top` and the hidden bench worker: exit 2 for bad arguments, 1 for failure.
 fn loadgen(command: Command) -> ExitCode {
     use shardcast::loadgen;
     let result = match command {
@@ -143,6 +143,7 @@ fn loadgen(command: Command) -> ExitCode {
             .and_then(|report| loadgen::report::emit(&report, args.scenario.common())),
         Command::Sub(args) => loadgen::tools::run_sub(&args).map(drop),
         Command::Pub(args) => loadgen::tools::run_pub(&args).map(drop),
+        Command::Top(args) => loadgen::run_top(&args),
         Command::BenchWorker => loadgen::run_worker_process(),
         Command::Serve(_) | Command::Config(_) => Ok(()), // dispatched by `main`
     };

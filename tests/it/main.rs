@@ -16,4 +16,5 @@ mod drain;
 mod lifecycle;
 mod loadgen;
 mod tls;
+mod top;
 mod violations;

@@ -13,6 +13,7 @@
 //! - `report`: the merged result, its human summary and its JSON form.
 //! - `sys`: CPU, RSS and kernel socket memory read from the OS.
 //! - `tools`: `sub` and `pub`.
+//! - `top`: `shardcast top`, a live view of nodes' `/metrics`.
 
 pub mod args;
 pub mod client;
@@ -22,11 +23,13 @@ pub mod report;
 mod scenario;
 pub mod sys;
 pub mod tools;
+pub mod top;
 pub mod url;
 pub mod worker;
 
 pub use args::{BenchArgs, PubArgs, Scenario, SubArgs};
 pub use report::Report;
+pub use top::{TopArgs, run_top};
 pub use worker::{run_bench, run_worker_process};
 
 /// Why a bench, a worker or a tool failed. `BadArgs` maps to exit code 2, the rest to 1.
