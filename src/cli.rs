@@ -36,6 +36,12 @@ pub enum Command {
     Pub(crate::loadgen::PubArgs),
     /// Watch the /metrics of one or several nodes, busiest first, refreshed each second.
     Top(crate::loadgen::TopArgs),
+    /// Write the man page and shell completions into DIR (for packaging; internal).
+    #[command(name = "__assets", hide = true)]
+    Assets {
+        /// Where to write `shardcast.1` and `completions/`.
+        dir: std::path::PathBuf,
+    },
     /// One worker process of `bench` (internal).
     #[command(name = "__bench-worker", hide = true)]
     BenchWorker,

@@ -115,6 +115,26 @@ fn run(prepared: Prepared) -> anyhow::Result<()> {
     })
 }
 
+/// The man page (`shardcast.1`: the serve flags and the subcommands) and the bash, zsh and fish
+/// completions, generated from the one clap definition, for the Debian package.
+fn write_assets(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap_complete::Shell;
+    let cmd = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    std::fs::create_dir_all(dir.join("completions"))?;
+    std::fs::write(dir.join("shardcast.1"), page)?;
+    for (shell, file) in [
+        (Shell::Bash, "shardcast.bash"),
+        (Shell::Zsh, "_shardcast"),
+        (Shell::Fish, "shardcast.fish"),
+    ] {
+        let mut out = std::fs::File::create(dir.join("completions").join(file))?;
+        clap_complete::generate(shell, &mut cmd.clone(), "shardcast", &mut out);
+    }
+    Ok(())
+}
+
 /// The first SIGINT or SIGTERM asks for a drain, the second for an immediate stop.
 fn stop_signals() -> std::io::Result<watch::Receiver<Stop>> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -144,6 +164,18 @@ fn loadgen(command: Command) -> ExitCode {
         Command::Sub(args) => loadgen::tools::run_sub(&args).map(drop),
         Command::Pub(args) => loadgen::tools::run_pub(&args).map(drop),
         Command::Top(args) => loadgen::run_top(&args),
+        Command::Assets { dir } => {
+            return match write_assets(&dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "shardcast: failed to write assets to {}: {e}",
+                        dir.display()
+                    );
+                    ExitCode::from(1)
+                }
+            };
+        }
         Command::BenchWorker => loadgen::run_worker_process(),
         Command::Serve(_) | Command::Config(_) => Ok(()), // dispatched by `main`
     };
