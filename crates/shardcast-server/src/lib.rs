@@ -13,7 +13,8 @@
 //! - `relay`: [`Relay`], the publish function (engine, then bus), admission and stats.
 //! - `bus`: joins nodes through Redis, Redis Cluster or NATS (`--bus`).
 //! - `metrics`: the Prometheus rendering of [`Stats`] for `GET /metrics`.
-//! - `config`: the validated [`Config`].
+//! - `config`: [`Config`], where each setting is declared once (flag, variable, default,
+//!   range check, help), and its validation.
 //!
 //! See `docs/ARCHITECTURE.md` for the layering rules and the invariants.
 
@@ -32,8 +33,8 @@ mod tls;
 
 pub use bus::{BusConfig, BusKind, BusStats, BusUrl};
 pub use config::{
-    AuthConfig, Config, JwtKey, LogFormat, MAX_DURATION, Prepared, Secret, TlsConfig,
-    default_shards,
+    AuthConfig, Config, JWT_KEY_SPELLINGS, JwtKey, LogFormat, MAX_DURATION, Prepared, Secret,
+    TlsConfig, default_shards, jwt_spellings_in_force,
 };
 pub use error::Error;
 pub use reject::{RejectReason, RejectionCounts};
