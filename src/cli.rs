@@ -204,6 +204,7 @@ mod tests {
             },
             tls: None,
             bus: None,
+            demo: crate::Demo::Auto,
         };
         assert_eq!(parse(&[]).unwrap(), documented);
         assert_eq!(parse(&["serve"]).unwrap(), documented);

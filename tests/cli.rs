@@ -818,6 +818,7 @@ handshake-timeout = \"10s\"
 api-key = []
 allowed-origin = []
 bus-prefix = \"shardcast\"
+demo = \"auto\"
 "
     );
     assert_eq!(config_output(&[], &[]), expected);

@@ -89,6 +89,20 @@ pub struct Config {
     /// Join other nodes through this broker (`--bus`); `None`: standalone.
     #[command(flatten)]
     pub bus: Option<BusConfig>,
+    /// Serve the browser demo page at / (auto: only when listening on loopback and no JWT key is set).
+    #[arg(long, env = "SHARDCAST_DEMO", value_enum, default_value = "auto")]
+    pub demo: Demo,
+}
+
+/// Whether the browser demo page is served at `/` (`--demo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Demo {
+    /// Only when listening on loopback and no JWT key is set.
+    Auto,
+    /// Always.
+    True,
+    /// Never.
+    False,
 }
 
 /// A validated [`Config`] with its credentials and TLS files loaded ([`Config::prepare`]).

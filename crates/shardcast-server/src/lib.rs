@@ -33,7 +33,7 @@ mod tls;
 
 pub use bus::{BusConfig, BusKind, BusStats, BusUrl};
 pub use config::{
-    AuthConfig, Config, JWT_KEY_SPELLINGS, JwtKey, LogFormat, MAX_DURATION, Prepared, Secret,
+    AuthConfig, Config, Demo, JWT_KEY_SPELLINGS, JwtKey, LogFormat, MAX_DURATION, Prepared, Secret,
     TlsConfig, default_shards, jwt_spellings_in_force,
 };
 pub use error::Error;
