@@ -292,20 +292,10 @@ fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, clap::Error> {
     std::fs::read(path).map_err(|e| invalid(format!("{flag} {}: {e}", path.display())))
 }
 
-impl Args for AuthConfig {
-    fn augment_args(cmd: clap::Command) -> clap::Command {
-        AuthArgs::augment_args(cmd)
-    }
-
-    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
-        AuthArgs::augment_args_for_update(cmd)
-    }
-}
-
-impl FromArgMatches for AuthConfig {
+impl AuthConfig {
     /// Combines the flags: one JWT key of three spellings (whose files are read here), the
     /// API keys of the flag and of the file.
-    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+    fn from_flags(matches: &ArgMatches) -> Result<Self, clap::Error> {
         let mut args = AuthArgs::from_arg_matches(matches)?;
         let in_force = jwt_spellings_in_force(matches);
         if in_force.len() > 1 {
@@ -362,11 +352,6 @@ impl FromArgMatches for AuthConfig {
             allowed_origins: args.allowed_origin,
         })
     }
-
-    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(matches)?;
-        Ok(())
-    }
 }
 
 /// The flags of [`TlsConfig`]; the group tells clap's `Option` whether either half is given.
@@ -383,23 +368,9 @@ struct TlsArgs {
     tls_key: Option<PathBuf>,
 }
 
-impl Args for TlsConfig {
-    fn group_id() -> Option<clap::Id> {
-        TlsArgs::group_id()
-    }
-
-    fn augment_args(cmd: clap::Command) -> clap::Command {
-        TlsArgs::augment_args(cmd)
-    }
-
-    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
-        TlsArgs::augment_args_for_update(cmd)
-    }
-}
-
-impl FromArgMatches for TlsConfig {
+impl TlsConfig {
     /// Called when either half is given: both must be.
-    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+    fn from_flags(matches: &ArgMatches) -> Result<Self, clap::Error> {
         let missing = |given: &str, other: &str, var: &str| {
             invalid(format!(
                 "--{given} needs --{other} (flag, {var} or {other} in the --config file)"
@@ -415,11 +386,6 @@ impl FromArgMatches for TlsConfig {
             } => Err(missing("tls-cert", "tls-key", "SHARDCAST_TLS_KEY")),
             TlsArgs { .. } => Err(missing("tls-key", "tls-cert", "SHARDCAST_TLS_CERT")),
         }
-    }
-
-    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(matches)?;
-        Ok(())
     }
 }
 
@@ -438,22 +404,8 @@ struct BusArgs {
 
 const BUS_GROUP: &str = "bus_url";
 
-impl Args for BusConfig {
-    fn group_id() -> Option<clap::Id> {
-        Some(BUS_GROUP.into())
-    }
-
-    fn augment_args(cmd: clap::Command) -> clap::Command {
-        BusArgs::augment_args(cmd).group(clap::ArgGroup::new(BUS_GROUP).arg("bus"))
-    }
-
-    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
-        Self::augment_args(cmd)
-    }
-}
-
-impl FromArgMatches for BusConfig {
-    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+impl BusConfig {
+    fn from_flags(matches: &ArgMatches) -> Result<Self, clap::Error> {
         let args = BusArgs::from_arg_matches(matches)?;
         let url = args
             .bus
@@ -463,12 +415,47 @@ impl FromArgMatches for BusConfig {
             ..Self::new(url)
         })
     }
-
-    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(matches)?;
-        Ok(())
-    }
 }
+
+/// `clap::Args` for a public type whose flags are declared by a private struct: `augment`
+/// adds them, `group` tells clap's `Option` whether any is given, and the type's `from_flags`
+/// combines them.
+macro_rules! declared_by {
+    ($ty:ty, augment: $augment:expr, group: $group:expr) => {
+        impl Args for $ty {
+            fn group_id() -> Option<clap::Id> {
+                $group
+            }
+
+            fn augment_args(cmd: clap::Command) -> clap::Command {
+                $augment(cmd)
+            }
+
+            fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+                $augment(cmd)
+            }
+        }
+
+        impl FromArgMatches for $ty {
+            fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+                Self::from_flags(matches)
+            }
+
+            fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+                *self = Self::from_flags(matches)?;
+                Ok(())
+            }
+        }
+    };
+}
+
+declared_by!(AuthConfig, augment: AuthArgs::augment_args, group: None);
+declared_by!(TlsConfig, augment: TlsArgs::augment_args, group: TlsArgs::group_id());
+declared_by!(
+    BusConfig,
+    augment: |cmd| BusArgs::augment_args(cmd).group(clap::ArgGroup::new(BUS_GROUP).arg("bus")),
+    group: Some(BUS_GROUP.into())
+);
 
 // The value parsers the declarations name: each range check is written here once and holds
 // for flags, variables and the file alike.
