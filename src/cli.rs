@@ -1,14 +1,16 @@
-//! Command-line parsing: raw arguments and `SHARDCAST_*` variables become a validated
-//! [`Config`] in one step. Running the server lives in `server.rs`, not here.
+//! The command line: subcommands, `--config`, and [`resolve`], which turns the arguments, the
+//! `SHARDCAST_*` variables and the `--config` file into a [`Config`], in that order of
+//! precedence. The settings themselves are declared once, on [`Config`] (the server crate's
+//! `config.rs`); the file is read and printed by `config_file.rs`. Running the server lives in
+//! `main.rs`, not here.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::ffi::OsString;
+use std::path::PathBuf;
 
-use clap::{ArgAction, Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 
-use crate::bus::{BusConfig, BusUrl};
-use crate::{AuthConfig, Config, JwtKey, LogFormat, Secret, TlsConfig, parse_duration, parse_size};
+use crate::{Config, Error, JWT_KEY_SPELLINGS};
 
 /// A WebSocket broadcast relay: what is published to a topic reaches every subscriber.
 #[derive(Debug, Parser)]
@@ -47,275 +49,139 @@ pub enum Command {
     BenchWorker,
 }
 
-/// Flags of `shardcast serve`. Each also reads the `SHARDCAST_*` variable named in its help,
-/// and each but `--config` may be set in the `--config` file under the flag's name.
-#[derive(Debug, Clone, Args)]
+/// The id of `--config`.
+const CONFIG: &str = "config";
+
+/// Flags of `shardcast serve` (and `config`): `--config` and every setting of [`Config`]. Each
+/// setting also reads the `SHARDCAST_*` variable named in its help, and may be set in the
+/// `--config` file under the flag's name. Parsing keeps only the file's path: [`resolve`]
+/// builds the configuration, once the file is read.
+#[derive(Debug, Clone)]
 pub struct ServeArgs {
     /// TOML file with the same keys as these flags; flags and variables take precedence.
-    #[arg(long, env = "SHARDCAST_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to bind.
-    #[arg(long, env = "SHARDCAST_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    /// Number of hub shards [default: number of cores].
-    #[arg(long, env = "SHARDCAST_SHARDS", value_parser = clap::value_parser!(u16).range(1..=crate::MAX_SHARDS as i64))]
-    pub shards: Option<u16>,
-    /// The server pings each client this often.
-    #[arg(long, env = "SHARDCAST_PING_INTERVAL", default_value = "20s", value_parser = positive_duration)]
-    pub ping_interval: Duration,
-    /// A client that has not answered a ping within this time is disconnected.
-    #[arg(long, env = "SHARDCAST_PONG_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
-    pub pong_timeout: Duration,
-    /// Largest message accepted from a client, after reassembling fragments.
-    #[arg(long, env = "SHARDCAST_MAX_MESSAGE_BYTES", default_value = "65536", value_parser = positive_size)]
-    pub max_message_bytes: usize,
-    /// Per-client outbound budget; a client whose queue would pass it is dropped as a slow consumer.
-    #[arg(long, env = "SHARDCAST_SEND_QUEUE_BYTES", default_value = "1MiB", value_parser = positive_size)]
-    pub send_queue_bytes: usize,
-    /// A socket write that makes no progress for this long drops the client.
-    #[arg(long, env = "SHARDCAST_WRITE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
-    pub write_timeout: Duration,
-    /// Above this many WebSocket connections, new upgrades get HTTP 503.
-    #[arg(long, env = "SHARDCAST_MAX_CONNECTIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_connections: u64,
-    /// Whether client messages are published (false: server-side publish only).
-    #[arg(long, env = "SHARDCAST_CLIENT_PUBLISH", default_value_t = true, action = ArgAction::Set)]
-    pub client_publish: bool,
-    /// On SIGTERM, the window over which clients are closed with 1001, in batches.
-    #[arg(long, env = "SHARDCAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
-    /// On SIGTERM, how long /readyz answers 503 while clients are still served, before closing starts.
-    #[arg(long, env = "SHARDCAST_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
-    pub drain_delay: Duration,
-    /// Serve /metrics on this address instead of the main port.
-    #[arg(long, env = "SHARDCAST_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Log line format.
-    #[arg(long, env = "SHARDCAST_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
-    /// A client must finish TLS and send its request head within this time.
-    #[arg(long, env = "SHARDCAST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
-    pub handshake_timeout: Duration,
-    /// Above this many WebSocket connections from one IP address, upgrades get HTTP 429 [default: no limit].
-    #[arg(long, env = "SHARDCAST_MAX_CONNECTIONS_PER_IP", value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_connections_per_ip: Option<u64>,
-    /// Data messages a connection may publish per second, burst as many; beyond: close 1008 [default: no limit].
-    #[arg(long, env = "SHARDCAST_CLIENT_PUBLISH_RATE", value_parser = clap::value_parser!(u32).range(1..))]
-    pub client_publish_rate: Option<u32>,
-    /// HS256 secret for client JWTs. Prefer the file or the variable: flags show in `ps`.
-    // The three JWT flags are one setting with three spellings: not a clap group, because a
-    // flag must beat a variable of another spelling (`with_file`); `into_config` refuses two.
-    #[arg(long, env = "SHARDCAST_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-    /// File holding the HS256 secret for client JWTs (a trailing newline is ignored).
-    #[arg(long, env = "SHARDCAST_JWT_SECRET_FILE")]
-    pub jwt_secret_file: Option<PathBuf>,
-    /// PEM public key that verifies client JWTs: RSA for RS256, EC P-256 for ES256.
-    #[arg(long, env = "SHARDCAST_JWT_PUBLIC_KEY")]
-    pub jwt_public_key: Option<PathBuf>,
-    /// Bearer key that may POST /publish to any topic (repeatable; comma-separated in the variable).
-    #[arg(
-        long,
-        env = "SHARDCAST_API_KEY",
-        hide_env_values = true,
-        value_delimiter = ','
-    )]
-    pub api_key: Vec<String>,
-    /// File of API keys, one per line; blank lines and lines starting with # are skipped.
-    #[arg(long, env = "SHARDCAST_API_KEY_FILE")]
-    pub api_key_file: Option<PathBuf>,
-    /// Origin allowed to open a WebSocket: exact, or https://*.example.com (repeatable) [default: any].
-    #[arg(long, env = "SHARDCAST_ALLOWED_ORIGIN", value_delimiter = ',')]
-    pub allowed_origin: Vec<String>,
-    // Not `requires`: each half may come from the flag, the variable or the file, so the
-    // pair is checked once they are merged (`into_config`).
-    /// PEM certificate chain: serve wss:// and https:// (needs --tls-key).
-    #[arg(long, env = "SHARDCAST_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, env = "SHARDCAST_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// Join other nodes through a broker: redis://host:port, redis+cluster://host:port,host:port or nats://host:port [default: standalone].
-    #[arg(long, env = "SHARDCAST_BUS")]
-    pub bus: Option<BusUrl>,
-    /// Prefix of the broker channels (prefix:topic on Redis, prefix.topic on NATS).
-    #[arg(long, env = "SHARDCAST_BUS_PREFIX", default_value = crate::bus::DEFAULT_PREFIX)]
-    pub bus_prefix: String,
 }
 
-fn read_file(flag: &str, path: &Path) -> Result<String, crate::Error> {
-    std::fs::read_to_string(path)
-        .map_err(|e| crate::Error::Config(format!("{flag} {}: {e}", path.display())))
-}
+impl Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let config = clap::Arg::new(CONFIG)
+            .long("config")
+            .env("SHARDCAST_CONFIG")
+            .value_name("CONFIG")
+            .value_parser(clap::value_parser!(PathBuf))
+            .help(
+                "TOML file with the same keys as these flags; flags and variables take precedence",
+            );
+        Config::augment_args(cmd.arg(config))
+    }
 
-fn positive_duration(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d.is_zero() {
-        Err("must be greater than zero".into())
-    } else {
-        Ok(d)
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
     }
 }
 
-fn positive_size(s: &str) -> Result<usize, String> {
-    let n = parse_size(s)?;
-    if n == 0 {
-        Err("must be greater than zero".into())
-    } else {
-        Ok(n)
+impl FromArgMatches for ServeArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(Self {
+            config: matches.get_one::<PathBuf>(CONFIG).cloned(),
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
     }
 }
 
-impl ServeArgs {
-    /// Fills in what flags and environment left at their defaults from the `--config` file,
-    /// if one is named. `matches` are the ones these arguments were parsed from.
-    ///
-    /// The JWT key is one setting with three spellings (`--jwt-secret`, `--jwt-secret-file`,
-    /// `--jwt-public-key`): a spelling given as a flag drops those only set in the environment,
-    /// and one given by either drops the file's.
-    pub fn with_file(mut self, matches: &clap::ArgMatches) -> Result<Self, crate::Error> {
-        use clap::parser::ValueSource::CommandLine;
-        let from_flag = |id| matches.value_source(id) == Some(CommandLine);
-        if ["jwt_secret", "jwt_secret_file", "jwt_public_key"]
-            .into_iter()
-            .any(from_flag)
-        {
-            if !from_flag("jwt_secret") {
-                self.jwt_secret = None;
-            }
-            if !from_flag("jwt_secret_file") {
-                self.jwt_secret_file = None;
-            }
-            if !from_flag("jwt_public_key") {
-                self.jwt_public_key = None;
-            }
-        }
-        if let Some(path) = self.config.clone() {
-            crate::config_file::load(&path)?.apply(&mut self, matches);
-        }
-        Ok(self)
-    }
+/// A configuration and the matches it was built from (for `shardcast config`).
+#[derive(Debug)]
+pub struct Resolved {
+    pub config: Config,
+    matches: ArgMatches,
+}
 
+impl Resolved {
     /// The effective settings as TOML, secrets redacted (what `shardcast config` prints).
     pub fn to_toml(&self) -> String {
-        crate::config_file::FileConfig::effective(self).to_toml()
+        crate::config_file::to_toml(&self.matches)
     }
+}
 
-    /// Turns parsed flags into a validated configuration.
-    pub fn into_config(self) -> Result<Config, crate::Error> {
-        let jwt_keys = [
-            self.jwt_secret.is_some().then_some("--jwt-secret"),
-            self.jwt_secret_file
-                .is_some()
-                .then_some("--jwt-secret-file"),
-            self.jwt_public_key.is_some().then_some("--jwt-public-key"),
-        ];
-        let jwt_keys: Vec<&str> = jwt_keys.into_iter().flatten().collect();
-        if jwt_keys.len() > 1 {
-            return Err(crate::Error::Config(format!(
-                "{} set the same JWT key: give one of them",
-                jwt_keys.join(" and ")
-            )));
+/// Whether `id` was given by a flag or a variable (which both beat the file).
+fn explicit(matches: &ArgMatches, id: &str) -> bool {
+    matches!(
+        matches.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+/// The serve flags' matches: those of `serve` or `config`, or the top level's.
+fn serve_matches(matches: &ArgMatches) -> &ArgMatches {
+    matches.subcommand().map_or(matches, |(_, m)| m)
+}
+
+/// Flags, variables, the `--config` file and defaults, in that order, as a configuration.
+/// `cmd` is [`Cli`]'s command (tests take the variables off it); `argv` starts with the
+/// program name and runs `serve` or `config` (or neither).
+///
+/// The file's values go in as flags for the settings that neither a flag nor a variable
+/// set, so clap applies each setting's checks and defaults once. The JWT key is one setting:
+/// if a flag or a variable gives any of its spellings, the file's is left out.
+pub fn resolve(cmd: clap::Command, argv: Vec<OsString>) -> Result<Resolved, Error> {
+    let message = |e: clap::Error| {
+        let text = e.to_string();
+        let text = text.trim();
+        Error::Config(text.strip_prefix("error: ").unwrap_or(text).to_string())
+    };
+    let first = cmd
+        .clone()
+        .try_get_matches_from(argv.iter())
+        .map_err(message)?;
+    let given = serve_matches(&first);
+    let mut argv = argv;
+    if let Some(path) = given.get_one::<PathBuf>(CONFIG) {
+        let jwt_given = JWT_KEY_SPELLINGS.iter().any(|id| explicit(given, id));
+        for entry in crate::config_file::load(path)? {
+            let jwt = JWT_KEY_SPELLINGS.contains(&entry.id.as_str());
+            if explicit(given, &entry.id) || (jwt && jwt_given) {
+                continue;
+            }
+            let flag = |v: &String| crate::config_file::flag(&entry.long, v);
+            argv.extend(entry.values.iter().map(flag));
         }
-        let jwt = if let Some(secret) = self.jwt_secret {
-            Some(JwtKey::Hs256(Secret::new(secret.into_bytes())))
-        } else if let Some(path) = &self.jwt_secret_file {
-            let secret = read_file("--jwt-secret-file", path)?;
-            let secret = secret.trim_end_matches(['\r', '\n']);
-            Some(JwtKey::Hs256(Secret::new(secret.as_bytes())))
-        } else if let Some(path) = &self.jwt_public_key {
-            let pem = std::fs::read(path).map_err(|e| {
-                crate::Error::Config(format!("--jwt-public-key {}: {e}", path.display()))
-            })?;
-            Some(JwtKey::PublicKeyPem(pem))
-        } else {
-            None
-        };
-        let mut api_keys: Vec<Secret> = self
-            .api_key
-            .into_iter()
-            .map(|k| Secret::new(k.into_bytes()))
-            .collect();
-        if let Some(path) = &self.api_key_file {
-            let text = read_file("--api-key-file", path)?;
-            api_keys.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(|l| Secret::new(l.as_bytes())),
-            );
-        }
-        let tls = match (self.tls_cert, self.tls_key) {
-            (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
-            (None, None) => None,
-            (Some(_), None) => return Err(crate::Error::Config(
-                "--tls-cert needs --tls-key (flag, SHARDCAST_TLS_KEY or tls-key in the --config file)".into(),
-            )),
-            (None, Some(_)) => return Err(crate::Error::Config(
-                "--tls-key needs --tls-cert (flag, SHARDCAST_TLS_CERT or tls-cert in the --config file)".into(),
-            )),
-        };
-        let config = Config {
-            listen: self.listen,
-            shards: self.shards.map_or_else(crate::default_shards, usize::from),
-            ping_interval: self.ping_interval,
-            pong_timeout: self.pong_timeout,
-            max_message_bytes: self.max_message_bytes,
-            send_queue_bytes: self.send_queue_bytes,
-            write_timeout: self.write_timeout,
-            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
-            client_publish: self.client_publish,
-            drain_timeout: self.drain_timeout,
-            drain_delay: self.drain_delay,
-            metrics_listen: self.metrics_listen,
-            log_format: self.log_format,
-            handshake_timeout: self.handshake_timeout,
-            max_connections_per_ip: self
-                .max_connections_per_ip
-                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-            client_publish_rate: self.client_publish_rate,
-            auth: AuthConfig {
-                jwt,
-                api_keys,
-                allowed_origins: self.allowed_origin,
-            },
-            tls,
-            bus: self.bus.map(|url| BusConfig {
-                prefix: self.bus_prefix,
-                ..BusConfig::new(url)
-            }),
-        };
-        config.validate()?;
-        Ok(config)
     }
+    let matches = cmd.try_get_matches_from(argv).map_err(message)?;
+    let matches = serve_matches(&matches).clone();
+    let config = Config::from_arg_matches(&matches).map_err(message)?;
+    Ok(Resolved { config, matches })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The flags of `args`, as `main` resolves them (with any `--config` file), with the
+    use std::time::Duration;
+
+    use clap::CommandFactory;
+
+    use crate::{AuthConfig, JwtKey, LogFormat, Secret, TlsConfig};
+
+    /// `args` resolved as `main` resolves them (with any `--config` file), with the
     /// `SHARDCAST_*` variables of the shell running the tests ignored.
-    fn serve_args(args: &[&str]) -> Result<ServeArgs, String> {
-        use clap::{CommandFactory, FromArgMatches};
+    fn resolved(args: &[&str]) -> Result<Resolved, String> {
         let no_env = |a: clap::Arg| a.env(None::<&'static str>);
-        let matches = Cli::command()
+        let cmd = Cli::command()
             .mut_args(no_env)
-            .mut_subcommands(|s| s.mut_args(no_env))
-            .try_get_matches_from(std::iter::once("shardcast").chain(args.iter().copied()))
-            .map_err(|e| e.to_string())?;
-        let cli = Cli::from_arg_matches(&matches).map_err(|e| e.to_string())?;
-        let sub = matches.subcommand().map_or(&matches, |(_, m)| m);
-        let serve = match cli.command {
-            Some(Command::Serve(s) | Command::Config(s)) => s,
-            None => cli.serve,
-            Some(other) => return Err(format!("not serve: {other:?}")),
-        };
-        serve.with_file(sub).map_err(|e| e.to_string())
+            .mut_subcommands(|s| s.mut_args(no_env));
+        let argv = std::iter::once("shardcast").chain(args.iter().copied());
+        resolve(cmd, argv.map(OsString::from).collect()).map_err(|e| e.to_string())
     }
 
+    /// The validated configuration of `args`.
     fn parse(args: &[&str]) -> Result<Config, String> {
-        serve_args(args)?.into_config().map_err(|e| e.to_string())
+        let config = resolved(args)?.config;
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
     }
 
     #[test]
@@ -346,6 +212,7 @@ mod tests {
             },
             tls: None,
             bus: None,
+            demo: crate::Demo::Auto,
         };
         assert_eq!(parse(&[]).unwrap(), documented);
         assert_eq!(parse(&["serve"]).unwrap(), documented);
@@ -420,9 +287,12 @@ mod tests {
     fn the_tls_pair_may_come_half_from_the_file() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let config = write(&dir, "shardcast.toml", "tls-key = \"/etc/key.pem\"\n");
-        let args = serve_args(&["--config", &config, "--tls-cert", "/etc/cert.pem"]).unwrap();
-        assert_eq!(args.tls_cert, Some(PathBuf::from("/etc/cert.pem")));
-        assert_eq!(args.tls_key, Some(PathBuf::from("/etc/key.pem")));
+        let c = resolved(&["--config", &config, "--tls-cert", "/etc/cert.pem"]).unwrap();
+        let tls = TlsConfig {
+            cert: PathBuf::from("/etc/cert.pem"),
+            key: PathBuf::from("/etc/key.pem"),
+        };
+        assert_eq!(c.config.tls, Some(tls));
         let err = parse(&["--tls-cert", "/etc/cert.pem"]).unwrap_err();
         assert!(err.contains("--tls-cert needs --tls-key"), "{err}");
         let err = parse(&["--config", &config]).unwrap_err();

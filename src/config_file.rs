@@ -1,127 +1,49 @@
-//! The `--config` TOML file: its keys (the flags' long names), how its values fill in what the
-//! command line and the environment left at their defaults, and the TOML that
-//! `shardcast config` prints. Flag definitions live in `cli.rs`; validation in `config.rs`.
+//! The `--config` TOML file and the TOML `shardcast config` prints, both derived from the
+//! settings' declarations on [`Config`]: a key is a flag's long name, and its value is checked
+//! by that flag's own value parser, so this file names no setting. Values are turned into the
+//! flag's text form (strings as they are; numbers and booleans written out; arrays element by
+//! element), so `max-message-bytes = 65536` and `max-message-bytes = "64KiB"` both work.
+//!
+//! Not here: which source wins (`cli.rs`), the settings themselves and the checks between
+//! them (`shardcast_server`'s `config.rs`).
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::Path;
 
-use clap::ArgMatches;
-use clap::parser::ValueSource;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use toml::Spanned;
+use clap::{ArgAction, ArgMatches, Args};
+use toml::{Spanned, Value};
 
-use crate::Error;
-use crate::bus::BusUrl;
-use crate::cli::ServeArgs;
-use crate::{LogFormat, MAX_DURATION, MAX_SHARDS, parse_duration, parse_size};
+use crate::{BusUrl, Config, Error, JWT_KEY_SPELLINGS, jwt_spellings_in_force};
 
-/// Every key the file may hold. Each is optional; unknown keys are errors.
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileConfig {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    listen: Option<SocketAddr>,
-    #[serde(
-        default,
-        deserialize_with = "range::shards",
-        skip_serializing_if = "Option::is_none"
-    )]
-    shards: Option<u16>,
-    #[serde(
-        default,
-        deserialize_with = "duration::positive",
-        serialize_with = "duration::serialize",
-        skip_serializing_if = "Option::is_none"
-    )]
-    ping_interval: Option<Duration>,
-    #[serde(
-        default,
-        deserialize_with = "duration::positive",
-        serialize_with = "duration::serialize",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pong_timeout: Option<Duration>,
-    #[serde(default, with = "size", skip_serializing_if = "Option::is_none")]
-    max_message_bytes: Option<usize>,
-    #[serde(default, with = "size", skip_serializing_if = "Option::is_none")]
-    send_queue_bytes: Option<usize>,
-    #[serde(
-        default,
-        deserialize_with = "duration::positive",
-        serialize_with = "duration::serialize",
-        skip_serializing_if = "Option::is_none"
-    )]
-    write_timeout: Option<Duration>,
-    #[serde(
-        default,
-        deserialize_with = "range::positive",
-        skip_serializing_if = "Option::is_none"
-    )]
-    max_connections: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_publish: Option<bool>,
-    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
-    drain_timeout: Option<Duration>,
-    #[serde(default, with = "duration", skip_serializing_if = "Option::is_none")]
-    drain_delay: Option<Duration>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    metrics_listen: Option<SocketAddr>,
-    #[serde(default, with = "log_format", skip_serializing_if = "Option::is_none")]
-    log_format: Option<LogFormat>,
-    #[serde(
-        default,
-        deserialize_with = "duration::positive",
-        serialize_with = "duration::serialize",
-        skip_serializing_if = "Option::is_none"
-    )]
-    handshake_timeout: Option<Duration>,
-    #[serde(
-        default,
-        deserialize_with = "range::positive",
-        skip_serializing_if = "Option::is_none"
-    )]
-    max_connections_per_ip: Option<u64>,
-    #[serde(
-        default,
-        deserialize_with = "range::positive",
-        skip_serializing_if = "Option::is_none"
-    )]
-    client_publish_rate: Option<u32>,
-    // The JWT keys keep their place in the file, to name both lines when two are set.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    jwt_secret: Option<Spanned<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    jwt_secret_file: Option<Spanned<PathBuf>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    jwt_public_key: Option<Spanned<PathBuf>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    api_key: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    api_key_file: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    allowed_origin: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_cert: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_key: Option<PathBuf>,
-    #[serde(default, with = "bus_url", skip_serializing_if = "Option::is_none")]
-    bus: Option<BusUrl>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bus_prefix: Option<String>,
+/// One key of the file, checked: the setting's id and flag name, its values as flag text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The id of the setting's argument (`ping_interval`).
+    pub id: String,
+    /// The flag's long name, which is also the key (`ping-interval`).
+    pub long: String,
+    /// The values as they would be written after the flag.
+    pub values: Vec<String>,
 }
 
-/// Reads and parses `path`. Errors name the file, the line and the key.
-pub fn load(path: &Path) -> Result<FileConfig, Error> {
+/// The settings' arguments, in declaration order: what keys may be, and how values parse.
+fn settings() -> clap::Command {
+    Config::augment_args(clap::Command::new("shardcast"))
+}
+
+/// Reads and checks `path`. Errors name the file, the line and the key.
+pub fn load(path: &Path) -> Result<Vec<Entry>, Error> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Config(format!("failed to read {}: {e}", path.display())))?;
     parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
-/// Parses TOML text; an error says `line N, key K: what is wrong`.
-pub fn parse(text: &str) -> Result<FileConfig, String> {
+/// Parses and checks TOML text, keys in file order; an error says
+/// `line N, key K: what is wrong`.
+pub fn parse(text: &str) -> Result<Vec<Entry>, String> {
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-    let file: FileConfig = toml::from_str(text).map_err(|e| {
+    let table: BTreeMap<Spanned<String>, Spanned<Value>> = toml::from_str(text).map_err(|e| {
         let Some(span) = e.span() else {
             return e.message().to_string();
         };
@@ -131,276 +53,158 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
         let key = key.trim_start_matches('[').trim_end_matches(']');
         format!("line {line_no}, key `{key}`: {}", e.message())
     })?;
-    // One setting with three spellings: a second one is an error, not a silent choice.
-    let mut jwt: Vec<(usize, &str)> = [
-        file.jwt_secret
-            .as_ref()
-            .map(|v| (v.span().start, "jwt-secret")),
-        file.jwt_secret_file
-            .as_ref()
-            .map(|v| (v.span().start, "jwt-secret-file")),
-        file.jwt_public_key
-            .as_ref()
-            .map(|v| (v.span().start, "jwt-public-key")),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    jwt.sort_unstable();
-    if let [(first_at, first), rest @ ..] = jwt.as_slice()
-        && let Some((at, key)) = rest.first()
-    {
-        return Err(format!(
-            "line {}, key `{key}`: one JWT key at most, and `{first}` is set on line {}",
-            line_of(*at),
-            line_of(*first_at),
-        ));
+    let mut keys: Vec<_> = table.into_iter().collect();
+    keys.sort_by_key(|(key, _)| key.span().start);
+    let cmd = settings();
+    let mut entries = Vec::with_capacity(keys.len());
+    // The JWT key's spellings seen so far, with their lines: one setting, so one at most.
+    let mut jwt: Option<(usize, &str)> = None;
+    for (key, value) in &keys {
+        let line = line_of(key.span().start);
+        let at = |what: String| format!("line {line}, key `{}`: {what}", key.get_ref());
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.get_ref().as_str()))
+            .ok_or_else(|| {
+                let known: Vec<String> = cmd
+                    .get_arguments()
+                    .filter_map(|a| Some(format!("`{}`", a.get_long()?)))
+                    .collect();
+                at(format!(
+                    "unknown field `{}`, expected one of {}",
+                    key.get_ref(),
+                    known.join(", ")
+                ))
+            })?;
+        let id = arg.get_id().as_str();
+        if JWT_KEY_SPELLINGS.contains(&id) {
+            if let Some((first_line, first)) = jwt {
+                return Err(at(format!(
+                    "one JWT key at most, and `{first}` is set on line {first_line}"
+                )));
+            }
+            jwt = Some((line, key.get_ref()));
+        }
+        let values = flag_text(value.get_ref(), multiple(arg)).map_err(at)?;
+        // The flag alone, parsed with its own value parser: the one place its checks live.
+        let check = clap::Command::new("shardcast").arg(arg.clone().env(None::<&str>));
+        for v in &values {
+            check
+                .clone()
+                .try_get_matches_from([OsString::from("shardcast"), flag(key.get_ref(), v)])
+                .map_err(|e| at(reason(&e, arg)))?;
+        }
+        entries.push(Entry {
+            id: id.to_string(),
+            long: key.get_ref().clone(),
+            values,
+        });
     }
-    Ok(file)
+    Ok(entries)
 }
 
-/// Whether the flag `id` took its value from neither the command line nor the environment.
-fn unset(matches: &ArgMatches, id: &str) -> bool {
-    !matches!(
-        matches.value_source(id),
-        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-    )
+/// `--long=value`: a value given as a flag.
+pub fn flag(long: &str, value: &str) -> OsString {
+    OsString::from(format!("--{long}={value}"))
 }
 
-impl FileConfig {
-    /// Fills every field of `args` that `matches` says came from a default with the file's
-    /// value, if it has one: flag, then environment, then file, then default.
-    /// The JWT key is one setting: if a flag or variable gives any of its spellings, the
-    /// file's is ignored.
-    pub fn apply(self, args: &mut ServeArgs, matches: &ArgMatches) {
-        macro_rules! fill {
-            ($($field:ident),* $(,)?) => {$(
-                if let Some(v) = self.$field {
-                    if unset(matches, stringify!($field)) {
-                        args.$field = v;
-                    }
-                }
-            )*};
+/// Whether the setting takes a list (a repeatable flag).
+fn multiple(arg: &clap::Arg) -> bool {
+    matches!(arg.get_action(), ArgAction::Append)
+}
+
+/// A TOML value as the flag's text: one string, or one per element for a list.
+fn flag_text(value: &Value, list: bool) -> Result<Vec<String>, String> {
+    let scalar = |v: &Value| match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Integer(_) | Value::Float(_) | Value::Boolean(_) | Value::Datetime(_) => {
+            Ok(v.to_string())
         }
-        macro_rules! fill_opt {
-            ($($field:ident),* $(,)?) => {$(
-                if self.$field.is_some() && unset(matches, stringify!($field)) {
-                    args.$field = self.$field;
-                }
-            )*};
+        Value::Array(_) | Value::Table(_) => Err(format!("expected a value, got {v}")),
+    };
+    match value {
+        Value::Array(items) if list => items.iter().map(scalar).collect(),
+        Value::Array(_) => Err("expected one value, got a list".into()),
+        v => Ok(vec![scalar(v)?]),
+    }
+}
+
+/// What a value parser found wrong, without clap's framing (the caller names line and key).
+fn reason(e: &clap::Error, arg: &clap::Arg) -> String {
+    if let Some(source) = std::error::Error::source(e) {
+        return source.to_string();
+    }
+    let possible: Vec<String> = arg
+        .get_possible_values()
+        .iter()
+        .map(|v| format!("{:?}", v.get_name()))
+        .collect();
+    let first = e.to_string();
+    let first = first.lines().next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    if possible.is_empty() {
+        first.to_string()
+    } else {
+        format!("{first}; expected one of {}", possible.join(", "))
+    }
+}
+
+/// The effective settings in `matches` as a `--config` file, in declaration order: every
+/// setting with a value, and every list, even empty. Secrets (the arguments whose variable
+/// values are hidden) and the credentials in broker URLs are replaced by `<redacted>`; numbers and
+/// booleans are written bare. The output loads back as a file.
+pub fn to_toml(matches: &ArgMatches) -> String {
+    let in_force = jwt_spellings_in_force(matches);
+    let mut out = String::new();
+    for arg in settings().get_arguments() {
+        let id = arg.get_id().as_str();
+        let Some(long) = arg.get_long() else { continue };
+        if JWT_KEY_SPELLINGS.contains(&id) && !in_force.contains(&id) {
+            continue; // replaced by a spelling of a stronger source
         }
-        fill!(
-            listen,
-            ping_interval,
-            pong_timeout,
-            max_message_bytes,
-            send_queue_bytes,
-            write_timeout,
-            max_connections,
-            client_publish,
-            drain_timeout,
-            drain_delay,
-            log_format,
-            handshake_timeout,
-            api_key,
-            allowed_origin,
-            bus_prefix,
-        );
-        fill_opt!(
-            shards,
-            metrics_listen,
-            max_connections_per_ip,
-            client_publish_rate,
-            api_key_file,
-            tls_cert,
-            tls_key,
-            bus,
-        );
-        if ["jwt_secret", "jwt_secret_file", "jwt_public_key"]
+        let values: Vec<Value> = matches
+            .get_raw(id)
             .into_iter()
-            .all(|id| unset(matches, id))
-        {
-            // `parse` has made sure the file sets one of them at most.
-            args.jwt_secret = self.jwt_secret.map(Spanned::into_inner);
-            args.jwt_secret_file = self.jwt_secret_file.map(Spanned::into_inner);
-            args.jwt_public_key = self.jwt_public_key.map(Spanned::into_inner);
-        }
-    }
-
-    /// The effective settings of `args` as a file, secrets replaced by `<redacted>`.
-    pub fn effective(args: &ServeArgs) -> Self {
-        let redacted = || "<redacted>".to_string();
-        Self {
-            listen: Some(args.listen),
-            shards: Some(
-                args.shards
-                    .unwrap_or_else(|| crate::default_shards() as u16),
-            ),
-            ping_interval: Some(args.ping_interval),
-            pong_timeout: Some(args.pong_timeout),
-            max_message_bytes: Some(args.max_message_bytes),
-            send_queue_bytes: Some(args.send_queue_bytes),
-            write_timeout: Some(args.write_timeout),
-            max_connections: Some(args.max_connections),
-            client_publish: Some(args.client_publish),
-            drain_timeout: Some(args.drain_timeout),
-            drain_delay: Some(args.drain_delay),
-            metrics_listen: args.metrics_listen,
-            log_format: Some(args.log_format),
-            handshake_timeout: Some(args.handshake_timeout),
-            max_connections_per_ip: args.max_connections_per_ip,
-            client_publish_rate: args.client_publish_rate,
-            jwt_secret: args.jwt_secret.as_ref().map(|_| unplaced(redacted())),
-            jwt_secret_file: args.jwt_secret_file.clone().map(unplaced),
-            jwt_public_key: args.jwt_public_key.clone().map(unplaced),
-            api_key: Some(args.api_key.iter().map(|_| redacted()).collect()),
-            api_key_file: args.api_key_file.clone(),
-            allowed_origin: Some(args.allowed_origin.clone()),
-            tls_cert: args.tls_cert.clone(),
-            tls_key: args.tls_key.clone(),
-            bus: args.bus.clone(),
-            bus_prefix: Some(args.bus_prefix.clone()),
-        }
-    }
-
-    pub fn to_toml(&self) -> String {
-        // Every field is a plain value or a list of strings, which TOML always represents.
-        toml::to_string(self).unwrap_or_default()
-    }
-}
-
-/// A value that comes from no place in a file.
-fn unplaced<T>(value: T) -> Spanned<T> {
-    Spanned::new(0..0, value)
-}
-
-/// Durations: any up to [`MAX_DURATION`], or with `positive`, greater than zero too: the
-/// checks `--flag` values get from clap and `Config::validate`, here with the line named.
-mod duration {
-    use super::*;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s = String::deserialize(d)?;
-        let d = parse_duration(&s).map_err(serde::de::Error::custom)?;
-        if d > MAX_DURATION {
-            return Err(serde::de::Error::custom(format!(
-                "must be at most 24h, got {s:?}"
-            )));
-        }
-        Ok(Some(d))
-    }
-
-    pub fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        match deserialize(d)? {
-            Some(d) if d.is_zero() => Err(serde::de::Error::custom("must be greater than zero")),
-            d => Ok(d),
-        }
-    }
-
-    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
-            None => s.serialize_none(),
-        }
-    }
-}
-
-mod size {
-    use super::*;
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Bytes(u64),
-        Text(String),
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-        let n = match Raw::deserialize(d)
-            .map_err(|_| serde::de::Error::custom("expected bytes or a size like \"64KiB\""))?
-        {
-            Raw::Bytes(n) => usize::try_from(n).map_err(serde::de::Error::custom)?,
-            Raw::Text(s) => parse_size(&s).map_err(serde::de::Error::custom)?,
+            .flatten()
+            .map(|raw| {
+                let raw = raw.to_string_lossy();
+                if arg.is_hide_env_values_set() {
+                    Value::String("<redacted>".into())
+                } else {
+                    typed(&redact_userinfo(&raw))
+                }
+            })
+            .collect();
+        let value = if multiple(arg) {
+            Value::Array(values)
+        } else {
+            match values.into_iter().next() {
+                Some(v) => v,
+                None => continue,
+            }
         };
-        if n == 0 {
-            return Err(serde::de::Error::custom("must be greater than zero"));
-        }
-        Ok(Some(n))
+        out.push_str(&format!("{long} = {value}\n"));
     }
+    out
+}
 
-    pub fn serialize<S: Serializer>(v: &Option<usize>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(n) => s.serialize_u64(*n as u64),
-            None => s.serialize_none(),
-        }
+/// A flag's text as the TOML value that reads back the same: bare if it is a whole number or
+/// a boolean, else a string.
+fn typed(raw: &str) -> Value {
+    if let Ok(n) = raw.parse::<i64>() {
+        Value::Integer(n)
+    } else if let Ok(b) = raw.parse::<bool>() {
+        Value::Boolean(b)
+    } else {
+        Value::String(raw.to_string())
     }
 }
 
-/// Whole numbers with the ranges their flags have.
-mod range {
-    use super::*;
-
-    pub fn shards<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
-        let n = u64::deserialize(d)?;
-        match u16::try_from(n) {
-            Ok(n) if (1..=MAX_SHARDS).contains(&usize::from(n)) => Ok(Some(n)),
-            _ => Err(serde::de::Error::custom(format!(
-                "must be between 1 and {MAX_SHARDS}, got {n}"
-            ))),
-        }
-    }
-
-    pub fn positive<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-    where
-        D: Deserializer<'de>,
-        T: Deserialize<'de> + PartialEq + Default,
-    {
-        let n = T::deserialize(d)?;
-        if n == T::default() {
-            return Err(serde::de::Error::custom("must be greater than zero, got 0"));
-        }
-        Ok(Some(n))
-    }
-}
-
-/// A `--bus` URL; written back with its credentials redacted.
-mod bus_url {
-    use super::*;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BusUrl>, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map(Some)
-            .map_err(serde::de::Error::custom)
-    }
-
-    pub fn serialize<S: Serializer>(v: &Option<BusUrl>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(url) => s.serialize_str(&url.redacted()),
-            None => s.serialize_none(),
-        }
-    }
-}
-
-mod log_format {
-    use super::*;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LogFormat>, D::Error> {
-        match String::deserialize(d)?.as_str() {
-            "text" => Ok(Some(LogFormat::Text)),
-            "json" => Ok(Some(LogFormat::Json)),
-            other => Err(serde::de::Error::custom(format!(
-                "expected \"text\" or \"json\", got {other:?}"
-            ))),
-        }
-    }
-
-    pub fn serialize<S: Serializer>(v: &Option<LogFormat>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(f) => s.serialize_str(f.as_str()),
-            None => s.serialize_none(),
-        }
-    }
+/// A broker URL's credentials become `<redacted>` (`redis://<redacted>@host`); any other
+/// value is kept.
+fn redact_userinfo(raw: &str) -> String {
+    raw.parse::<BusUrl>()
+        .map_or_else(|_| raw.to_string(), |url| url.redacted())
 }
 
 #[cfg(test)]
@@ -419,15 +223,29 @@ mod tests {
         assert!(err.contains("unknown field"), "{err}");
     }
 
+    /// The file `text`'s value for `key`, as flag text.
+    fn value(text: &str, key: &str) -> Option<Vec<String>> {
+        let entries = parse(text).unwrap();
+        entries
+            .into_iter()
+            .find(|e| e.long == key)
+            .map(|e| e.values)
+    }
+
     #[test]
     fn the_bus_url_is_checked_and_written_back_redacted() {
-        let f = parse("bus = \"redis://:pw@127.0.0.1:6379\"\nbus-prefix = \"app\"\n").unwrap();
-        assert_eq!(
-            f.bus.as_ref().map(BusUrl::kind),
-            Some(crate::BusKind::Redis)
-        );
-        assert_eq!(f.bus_prefix.as_deref(), Some("app"));
-        let text = f.to_toml();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let file = dir.path().join("bus.toml");
+        let text = "bus = \"redis://:pw@127.0.0.1:6379\"\nbus-prefix = \"app\"\n";
+        std::fs::write(&file, text).expect("write test file");
+        let no_env = |a: clap::Arg| a.env(None::<&'static str>);
+        let cmd = <crate::cli::Cli as clap::CommandFactory>::command().mut_args(no_env);
+        let argv = ["shardcast".into(), "--config".into(), file.into_os_string()];
+        let resolved = crate::cli::resolve(cmd, argv.to_vec()).unwrap();
+        let bus = resolved.config.bus.as_ref().expect("a bus");
+        assert_eq!(bus.url.kind(), crate::BusKind::Redis);
+        assert_eq!(bus.prefix, "app");
+        let text = resolved.to_toml();
         assert!(text.contains("redis://<redacted>@127.0.0.1:6379"), "{text}");
         assert!(!text.contains("pw"), "{text}");
         let err = parse("bus = \"kafka://127.0.0.1:9092\"\n").unwrap_err();
@@ -513,17 +331,16 @@ mod tests {
             );
         }
         // Zero is a valid drain: close at once.
-        let f = parse("drain-delay = \"0s\"\ndrain-timeout = \"0s\"\nshards = 256\n").unwrap();
-        assert_eq!(f.drain_delay, Some(Duration::ZERO));
-        assert_eq!(f.shards, Some(256));
+        let text = "drain-delay = \"0s\"\ndrain-timeout = \"0s\"\nshards = 256\n";
+        assert_eq!(value(text, "drain-delay"), Some(vec!["0s".to_string()]));
+        assert_eq!(value(text, "shards"), Some(vec!["256".to_string()]));
     }
 
     #[test]
     fn one_jwt_key_at_most() {
-        let f = parse("jwt-secret-file = \"/run/secret\"\n").unwrap();
         assert_eq!(
-            f.jwt_secret_file.map(Spanned::into_inner),
-            Some(PathBuf::from("/run/secret"))
+            value("jwt-secret-file = \"/run/secret\"\n", "jwt-secret-file"),
+            Some(vec!["/run/secret".to_string()])
         );
         let err =
             parse("jwt-public-key = \"/k.pem\"\nlisten = \"127.0.0.1:1\"\njwt-secret = \"s\"\n")
@@ -567,8 +384,16 @@ mod tests {
 
     #[test]
     fn sizes_take_numbers_or_units() {
-        let f = parse("max-message-bytes = 1024\nsend-queue-bytes = \"2MiB\"\n").unwrap();
-        assert_eq!(f.max_message_bytes, Some(1024));
-        assert_eq!(f.send_queue_bytes, Some(2 << 20));
+        let text = "max-message-bytes = 1024\nsend-queue-bytes = \"2MiB\"\n";
+        assert_eq!(
+            value(text, "max-message-bytes"),
+            Some(vec!["1024".to_string()])
+        );
+        assert_eq!(
+            value(text, "send-queue-bytes"),
+            Some(vec!["2MiB".to_string()])
+        );
+        let err = parse("send-queue-bytes = \"lots\"\n").unwrap_err();
+        assert!(err.starts_with("line 1, key `send-queue-bytes`"), "{err}");
     }
 }

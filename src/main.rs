@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
-use shardcast::cli::{Cli, Command};
+use shardcast::cli::{self, Cli, Command};
 use shardcast::{LogFormat, Prepared, Stop};
 use tokio::sync::watch;
 
@@ -22,20 +22,18 @@ const RESERVED_FDS: u64 = 64;
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches(); // exits with code 2 on a bad flag
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let sub = matches.subcommand().map_or(&matches, |(_, m)| m);
-    let (args, print_only) = match cli.command {
-        Some(Command::Serve(args)) => (args, false),
-        Some(Command::Config(args)) => (args, true),
-        None => (cli.serve, false),
+    let print_only = match cli.command {
+        Some(Command::Serve(_)) | None => false,
+        Some(Command::Config(_)) => true,
         Some(tool) => return loadgen(tool),
     };
     // Flags, variables and the file become a checked configuration in one step; the key
     // and certificate files are read here, once (exit 2 if they are bad).
-    let resolved = args.with_file(sub).and_then(|args| {
-        let prepared = args.clone().into_config()?.prepare()?;
-        Ok((args, prepared))
+    let resolved = cli::resolve(Cli::command(), std::env::args_os().collect()).and_then(|r| {
+        let prepared = r.config.clone().prepare()?;
+        Ok((r, prepared))
     });
-    let (args, prepared) = match resolved {
+    let (resolved, prepared) = match resolved {
         Ok(r) => r,
         Err(e) => {
             eprintln!("shardcast: {e}");
@@ -43,7 +41,7 @@ fn main() -> ExitCode {
         }
     };
     if print_only {
-        print!("{}", args.to_toml());
+        print!("{}", resolved.to_toml());
         return ExitCode::SUCCESS;
     }
     init_logging(prepared.config().log_format);

@@ -807,7 +807,7 @@ shards = {cores}
 ping-interval = \"20s\"
 pong-timeout = \"10s\"
 max-message-bytes = 65536
-send-queue-bytes = 1048576
+send-queue-bytes = \"1MiB\"
 write-timeout = \"10s\"
 max-connections = 100000
 client-publish = true
@@ -818,6 +818,7 @@ handshake-timeout = \"10s\"
 api-key = []
 allowed-origin = []
 bus-prefix = \"shardcast\"
+demo = \"auto\"
 "
     );
     assert_eq!(config_output(&[], &[]), expected);

@@ -1,6 +1,6 @@
 //! The browser demo served at `/`: a chat room and a live fan-out view over `/ws/{topic}`
 //! (`assets/demo/`, embedded in the binary). Whether it is served is decided once at start
-//! (`--demo`, see [`crate::Demo`]); routing lives in `handshake.rs`, the response in `http.rs`.
+//! (`--demo`, see [`crate::Demo`] and [`enabled`]); routing lives in `handshake.rs`, the response in `http.rs`.
 
 /// The demo's files by request path: content type and body.
 pub(crate) fn asset(path: &str) -> Option<(&'static str, &'static str)> {
@@ -21,11 +21,16 @@ pub(crate) fn asset(path: &str) -> Option<(&'static str, &'static str)> {
     })
 }
 
-/// Whether to serve the demo on a listener bound to `local`: by default only on loopback
-/// (a newcomer's `cargo run` shows it; a public node does not advertise an open chat room) and
-/// only without a JWT key (the page has no token, so it could not connect).
+/// Whether to serve the demo on a listener bound to `local`. `--demo auto` (the default)
+/// serves it only on loopback (a newcomer's `cargo run` shows it; a public node does not
+/// advertise an open chat room) and only without a JWT key (the page has no token, so it
+/// could not connect).
 pub(crate) fn enabled(config: &crate::Config, local: std::net::SocketAddr) -> bool {
-    local.ip().is_loopback() && config.auth.jwt.is_none()
+    match config.demo {
+        crate::Demo::True => true,
+        crate::Demo::False => false,
+        crate::Demo::Auto => local.ip().is_loopback() && config.auth.jwt.is_none(),
+    }
 }
 
 /// The page's policy: its own files, WebSocket connections to any host (the page may be told

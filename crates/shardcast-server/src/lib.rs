@@ -14,7 +14,8 @@
 //! - `bus`: joins nodes through Redis, Redis Cluster or NATS (`--bus`).
 //! - `demo`: the browser demo page at `/` (on by default only on loopback).
 //! - `metrics`: the Prometheus rendering of [`Stats`] for `GET /metrics`.
-//! - `config`: the validated [`Config`].
+//! - `config`: [`Config`], where each setting is declared once (flag, variable, default,
+//!   range check, help), and its validation.
 //!
 //! See `docs/ARCHITECTURE.md` for the layering rules and the invariants.
 
@@ -34,8 +35,8 @@ mod tls;
 
 pub use bus::{BusConfig, BusKind, BusStats, BusUrl};
 pub use config::{
-    AuthConfig, Config, JwtKey, LogFormat, MAX_DURATION, Prepared, Secret, TlsConfig,
-    default_shards,
+    AuthConfig, Config, Demo, JWT_KEY_SPELLINGS, JwtKey, LogFormat, MAX_DURATION, Prepared, Secret,
+    TlsConfig, default_shards, jwt_spellings_in_force,
 };
 pub use error::Error;
 pub use reject::{RejectReason, RejectionCounts};

@@ -1,11 +1,11 @@
 //! The browser demo at `/`: served on a loopback listener without a JWT key, with its files
-//! and headers; not served off loopback or with a JWT key (404). The page's behaviour in a
-//! real browser is `tests/browser/demo.test.mjs`.
+//! and headers; not served off loopback or with a JWT key (404); `--demo true|false` decides
+//! otherwise. The page's behaviour in a real browser is `tests/browser/demo.test.mjs`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use shardcast_server::{AuthConfig, Config, JwtKey, Secret, Server};
+use shardcast_server::{AuthConfig, Config, Demo, JwtKey, Secret, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -82,5 +82,23 @@ async fn a_public_listener_or_a_jwt_key_hides_the_page() {
     };
     let with_jwt = serve("127.0.0.1:0".parse().expect("addr"), jwt).await;
     let res = get(with_jwt, "GET", "/").await;
+    assert!(res.starts_with("HTTP/1.1 404"), "{res}");
+}
+
+#[tokio::test]
+async fn the_demo_setting_overrides_auto() {
+    let on = Config {
+        demo: Demo::True,
+        ..Config::default()
+    };
+    let public = serve("0.0.0.0:0".parse().expect("addr"), on).await;
+    let res = get(public, "GET", "/").await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let off = Config {
+        demo: Demo::False,
+        ..Config::default()
+    };
+    let local = serve("127.0.0.1:0".parse().expect("addr"), off).await;
+    let res = get(local, "GET", "/").await;
     assert!(res.starts_with("HTTP/1.1 404"), "{res}");
 }
