@@ -533,7 +533,8 @@ pub fn emit(report: &Report, common: &CommonArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn si(x: f64) -> String {
+/// A count, short: `950`, `12.3k`, `4.56M` (also `shardcast top`'s columns).
+pub(crate) fn si(x: f64) -> String {
     if x >= 1e6 {
         format!("{:.2}M", x / 1e6)
     } else if x >= 1e3 {

@@ -14,6 +14,7 @@ use clap::Args;
 use shardcast_core::units::parse_duration;
 
 use crate::Error;
+use crate::report::si;
 
 /// Watch the /metrics of one or several shardcast nodes, like `top`.
 #[derive(Debug, Clone, Args)]
@@ -200,17 +201,6 @@ impl Row {
             fanout_p99,
             bus,
         }
-    }
-}
-
-/// A count per second, short: `950`, `12.3k`, `4.56M`.
-fn si(v: f64) -> String {
-    if v >= 1e6 {
-        format!("{:.2}M", v / 1e6)
-    } else if v >= 1e4 {
-        format!("{:.1}k", v / 1e3)
-    } else {
-        format!("{v:.0}")
     }
 }
 
@@ -470,7 +460,7 @@ shardcast_bus_connected 1
         assert!(lines[3].starts_with("NODE"), "{screen}");
         assert!(lines[4].starts_with("busy:8080"), "{screen}");
         assert!(
-            lines[4].contains(" 2000 "),
+            lines[4].contains(" 2.0k "),
             "deliveries per second: {screen}"
         );
         assert!(lines[5].starts_with("idle:8080"), "{screen}");
