@@ -18,6 +18,8 @@ mod timers;
 
 #[cfg(feature = "internals")]
 mod fixture;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;

@@ -72,6 +72,17 @@ impl SendQueue {
         self.queued = self.frames.iter().map(Bytes::len).sum();
     }
 
+    #[cfg(test)]
+    pub(super) fn head_partial(&self) -> bool {
+        self.head_partial
+    }
+
+    /// Slots held, used or not.
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.frames.capacity()
+    }
+
     /// Forgets every frame, as if written (the bench fixture).
     #[cfg(feature = "internals")]
     pub(super) fn clear(&mut self) {
