@@ -2,9 +2,9 @@
 //! `topic -> clients` index and its timer wheel. This file holds the shard's state, its run
 //! loop, its message handler, fan-out and flushing. Its parts live beside it: the per-client
 //! send queue in `queue.rs`, closes and slow consumers in `lifecycle.rs`, timers, the drain
-//! and shutdown in `timers.rs`, the bench fixture in `fixture.rs`. Reading client sockets
-//! lives in the server crate; choosing shards and encoding frames live in `engine.rs` and
-//! `frame.rs`.
+//! and shutdown in `timers.rs`, the bench fixture in `fixture.rs`, the unit tests in
+//! `tests.rs`. Reading client sockets lives in the server crate; choosing shards and encoding
+//! frames live in `engine.rs` and `frame.rs`.
 //!
 //! The shard never awaits a socket. After each batch of inbox messages it flushes every client
 //! the batch touched with non-blocking vectored writes (one `writev` carries up to 1024
