@@ -85,6 +85,7 @@ impl FanoutFixture {
     pub fn drain(&mut self) {
         for (_, c) in self.shard.clients.iter_mut() {
             c.queue.clear();
+            c.queued = 0;
             c.dirty = false;
         }
         self.shard.dirty.clear();

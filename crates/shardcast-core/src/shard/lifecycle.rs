@@ -95,11 +95,11 @@ impl Shard {
         self.disconnects.record(why);
         let c = &mut self.clients[key];
         if why == DisconnectReason::SlowConsumer {
-            c.queue.discard_backlog();
+            c.discard_backlog();
         }
         let id = c.id;
         let attached = c.stream.is_some();
-        c.queue.push(frame::close(code, reason));
+        c.push(frame::close(code, reason));
         let topics = c.topics.clone();
         for topic in topics.iter() {
             self.unsubscribe(topic, key);
