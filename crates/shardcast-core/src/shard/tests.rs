@@ -324,7 +324,7 @@ async fn slow_consumer_is_closed_with_4008_and_its_backlog_dropped() {
     let published = h.published;
 
     // Dropped in the batch that found it: closing, out of its topic, and of its backlog it
-    // keeps only a half-written frame (if any) ahead of the close frame.
+    // keeps only the half-written frame, ahead of the close frame.
     assert!(peer.conn.is_closing());
     assert!(!h.engine.interest().contains(&h.topic));
     let c = h
