@@ -334,7 +334,7 @@ impl Engine {
         (engine, shards)
     }
 
-    #[cfg(feature = "internals")]
+    #[cfg(any(test, feature = "internals"))]
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
     }

@@ -3,7 +3,7 @@
 //! Time is counted in ticks. Entries are never cancelled: the owner checks, when an entry fires,
 //! whether it still applies (lazy cancellation), so scheduling is a `Vec::push` and nothing
 //! needs a handle. No tokio timer exists per connection; the shard drives the wheel from one
-//! interval. What the entries mean lives in `shard.rs`, not here.
+//! interval. What the entries mean lives in `shard/timers.rs`, not here.
 
 /// A hashed timing wheel of `T` entries.
 ///

@@ -1,6 +1,10 @@
 //! A hub shard: the task that alone owns a share of the clients, their send queues, its
-//! `topic -> clients` index and its timer wheel. Reading client sockets lives in `conn.rs`;
-//! choosing shards and encoding frames live in `engine.rs` and `frame.rs`.
+//! `topic -> clients` index and its timer wheel. This file holds the shard's state, its run
+//! loop, its message handler, fan-out and flushing. Its parts live beside it: the per-client
+//! send queue in `queue.rs`, closes and slow consumers in `lifecycle.rs`, timers, the drain
+//! and shutdown in `timers.rs`, the bench fixture in `fixture.rs`, the unit tests in
+//! `tests.rs`. Reading client sockets lives in the server crate; choosing shards and encoding
+//! frames live in `engine.rs` and `frame.rs`.
 //!
 //! The shard never awaits a socket. After each batch of inbox messages it flushes every client
 //! the batch touched with non-blocking vectored writes (one `writev` carries up to 1024
@@ -8,16 +12,24 @@
 //! full, parks a readiness future for that client and moves on. A flush round yields between
 //! slices of clients and takes the publishes made meanwhile, unless the queues are deep.
 
+mod lifecycle;
+mod queue;
+mod timers;
+
+#[cfg(feature = "internals")]
+mod fixture;
+#[cfg(test)]
+mod tests;
+
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use indexmap::IndexSet;
@@ -25,8 +37,12 @@ use slab::Slab;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
+#[cfg(feature = "internals")]
+pub use self::fixture::FanoutFixture;
+use self::lifecycle::{CLOSE_GRACE, Phase, closing_reason};
+use self::queue::Flush;
+use self::timers::{Drain, Timer, TimerKind};
 use crate::engine::{Guard, Inner};
-use crate::frame::{self, close_code};
 use crate::socket::Socket;
 use crate::stats::{FANOUT_BOUNDS, Histogram, QUEUE_BOUNDS};
 use crate::wheel::TimerWheel;
@@ -40,15 +56,6 @@ const FLUSH_SLICE: usize = 256;
 /// Frames per client above which a flush round stops taking publishes mid-round: the shard is
 /// behind (see `Shard::flush_round`).
 const DEEP_QUEUE: usize = 64;
-/// Most frames handed to one `writev`: Linux's `UIO_MAXIOV`. A client that fell behind gets
-/// its backlog in a few large writes rather than many small ones, which is what lets a shard
-/// catch up (per write, the kernel's cost is mostly fixed).
-const MAX_IOV: usize = 1024;
-/// Frames up to which the slices for a `writev` live on the stack; more take one allocation.
-const STACK_IOV: usize = 64;
-/// How long a close frame may take to flush after a slow-consumer, pong-timeout or
-/// protocol-error close before the socket is closed anyway.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Capacity of each shard's inbox.
 pub(crate) const INBOX: usize = 1024;
 
@@ -133,16 +140,6 @@ pub enum ShardMsg {
     Shutdown,
 }
 
-/// A drain in progress: the clients still to close and the pace to close them at.
-struct Drain {
-    /// Clients open when the drain began, still to be closed (some may have left since).
-    pending: Vec<(usize, u64)>,
-    total: usize,
-    start: Instant,
-    until: Instant,
-    deadline: Instant,
-}
-
 #[derive(Debug)]
 pub struct ShardStats {
     pub(crate) connections: usize,
@@ -156,40 +153,16 @@ pub struct ShardStats {
     pub(crate) publish_fanout: Histogram,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum TimerKind {
-    /// Send a heartbeat ping.
-    Ping,
-    /// The pong deadline of the last ping.
-    PongDeadline,
-    /// Check whether a blocked write has made progress.
-    WriteCheck,
-    /// A close has had its time; free the client.
-    CloseDeadline,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Timer {
-    key: usize,
-    id: u64,
-    kind: TimerKind,
-}
-
-enum Phase {
-    Open,
-    /// A close frame is queued. The client is out of every topic.
-    Closing {
-        why: DisconnectReason,
-        reader_gone: bool,
-        write_shut: bool,
-    },
-}
-
 /// One client as its shard sees it.
 ///
 /// Invariants: `queued` is the sum of the lengths of `queue`'s frames; `queued` never exceeds
 /// the send budget except by the close frame queued when a close starts; `head_partial` is true
 /// only while the front frame has been partly written.
+///
+/// The send queue's fields (`queue`, `recent_peak`, `queued`, `head_partial`) are written
+/// only by `queue.rs` (and the bench fixture's `drain`). They stay flat in `Client`: a nested
+/// struct's padding would grow `Client` from 128 to 136 bytes, and fan-out to 100k clients
+/// with it.
 struct Client {
     id: u64,
     /// `None` until the HTTP upgrade completes; frames queue up meanwhile.
@@ -217,85 +190,6 @@ struct Client {
     phase: Phase,
     /// The server's admission: dropped when the client is freed.
     _guard: Guard,
-}
-
-enum Flush {
-    Drained,
-    Blocked,
-}
-
-impl Client {
-    /// Writes as much of the queue as the kernel takes, `MAX_IOV` frames per syscall, and adds
-    /// the bytes written to `sent`.
-    fn write_some(&mut self, sent: &mut u64) -> io::Result<Flush> {
-        let Some(stream) = self.stream.as_ref() else {
-            return Ok(Flush::Blocked);
-        };
-        self.recent_peak = self.recent_peak.max(self.queue.len());
-        while let Some(front) = self.queue.front() {
-            let result = if self.queue.len() == 1 {
-                // The common case at a steady rate: one frame, a plain `write`.
-                stream.try_write(front)
-            } else if self.queue.len() <= STACK_IOV {
-                let mut iov = [IoSlice::new(&[]); STACK_IOV];
-                let mut n = 0;
-                for (slot, frame) in iov.iter_mut().zip(self.queue.iter()) {
-                    *slot = IoSlice::new(frame);
-                    n += 1;
-                }
-                stream.try_write_vectored(&iov[..n])
-            } else {
-                // A backlog: one allocation for up to `MAX_IOV` frames in one syscall.
-                let iov: Vec<IoSlice<'_>> = self
-                    .queue
-                    .iter()
-                    .take(MAX_IOV)
-                    .map(|frame| IoSlice::new(frame))
-                    .collect();
-                stream.try_write_vectored(&iov)
-            };
-            let mut written = match result {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(w) => w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
-                Err(e) => return Err(e),
-            };
-            self.queued -= written;
-            *sent += written as u64;
-            while written > 0 {
-                // The kernel never reports more bytes than the slices held.
-                let Some(front) = self.queue.front_mut() else {
-                    break;
-                };
-                if front.len() <= written {
-                    written -= front.len();
-                    self.queue.pop_front();
-                    self.head_partial = false;
-                } else {
-                    front.advance(written);
-                    self.head_partial = true;
-                    written = 0;
-                }
-            }
-        }
-        let capacity = self.queue.capacity();
-        if capacity > 64 && self.recent_peak < capacity / 4 {
-            // Hand back a burst's worth of slots once they go mostly unused: idle clients
-            // hold no large buffers (an idle client's next ping drains with a peak of 1).
-            self.queue = VecDeque::new();
-        }
-        self.recent_peak = 0;
-        Ok(Flush::Drained)
-    }
-
-    fn push(&mut self, frame: Bytes) {
-        self.queued += frame.len();
-        self.queue.push_back(frame);
-    }
-
-    fn is_open(&self) -> bool {
-        matches!(self.phase, Phase::Open)
-    }
 }
 
 type Waiter = Pin<Box<dyn Future<Output = (usize, u64)> + Send>>;
@@ -391,10 +285,7 @@ impl Shard {
                     self.flush_round(&mut inbox).await;
                 }
                 Some((key, id)) = self.writable.next(), if !self.writable.is_empty() => {
-                    if let Some(c) = self.client_mut(key, id) {
-                        c.waiting_writable = false;
-                        self.flush(key);
-                    }
+                    self.on_writable(key, id);
                 }
                 _ = interval.tick() => self.on_tick(),
             }
@@ -461,12 +352,12 @@ impl Shard {
         }
     }
 
-    fn now_tick(&self) -> u64 {
-        (self.start.elapsed().as_nanos() / self.tick.as_nanos().max(1)) as u64
-    }
-
-    fn ticks(&self, d: Duration) -> u64 {
-        (d.as_nanos().div_ceil(self.tick.as_nanos().max(1))) as u64
+    /// A parked readiness future completed: flushes the client again, if it is still there.
+    fn on_writable(&mut self, key: usize, id: u64) {
+        if let Some(c) = self.client_mut(key, id) {
+            c.waiting_writable = false;
+            self.flush(key);
+        }
     }
 
     fn client_mut(&mut self, key: usize, id: u64) -> Option<&mut Client> {
@@ -588,51 +479,8 @@ impl Shard {
                     publish_fanout: self.publish_fanout.clone(),
                 });
             }
-            ShardMsg::Drain { until, deadline } => {
-                self.draining = true;
-                let pending: Vec<(usize, u64)> = self
-                    .clients
-                    .iter()
-                    .filter(|(_, c)| c.is_open())
-                    .map(|(k, c)| (k, c.id))
-                    .collect();
-                self.drain = Some(Drain {
-                    total: pending.len(),
-                    pending,
-                    start: Instant::now(),
-                    until,
-                    deadline,
-                });
-                self.drain_step();
-            }
+            ShardMsg::Drain { until, deadline } => self.drain(until, deadline),
             ShardMsg::Shutdown => self.shutdown(),
-        }
-    }
-
-    /// Closes the share of the drain that is due by now: by time `t`, the fraction
-    /// `(t - start) / (until - start)` of the clients. Called on the message and every tick.
-    fn drain_step(&mut self) {
-        let Some(d) = &mut self.drain else {
-            return;
-        };
-        let now = Instant::now();
-        let due = if now >= d.until {
-            d.total
-        } else {
-            let done = (now - d.start).as_secs_f64() / (d.until - d.start).as_secs_f64();
-            (d.total as f64 * done).ceil() as usize
-        };
-        let closed = d.total - d.pending.len();
-        let take = due.saturating_sub(closed).min(d.pending.len());
-        let batch = d.pending.split_off(d.pending.len() - take);
-        let grace = d.deadline.saturating_duration_since(now);
-        if d.pending.is_empty() {
-            self.drain = None;
-        }
-        for (key, id) in batch {
-            if self.client_mut(key, id).is_some() {
-                self.going_away(key, grace);
-            }
         }
     }
 
@@ -688,35 +536,10 @@ impl Shard {
         }
     }
 
-    fn doom(&mut self, key: usize) {
-        let c = &mut self.clients[key];
-        if !c.doomed {
-            c.doomed = true;
-            self.doomed.push(key);
-        }
-    }
-
     /// After a batch: drop the slow consumers it found, then flush every client it touched.
     fn end_batch(&mut self) {
         self.close_doomed();
         self.flush_dirty(usize::MAX);
-    }
-
-    /// Starts closing the slow consumers found since the last call.
-    fn close_doomed(&mut self) {
-        while let Some(key) = self.doomed.pop() {
-            if self.clients.contains(key) {
-                self.clients[key].doomed = false;
-                tracing::debug!(shard = self.index, key, "dropping slow consumer");
-                self.begin_close(
-                    key,
-                    close_code::SLOW_CONSUMER,
-                    "slow consumer",
-                    DisconnectReason::SlowConsumer,
-                    CLOSE_GRACE,
-                );
-            }
-        }
     }
 
     /// Flushes up to `n` clients from the front of the dirty queue.
@@ -793,109 +616,6 @@ impl Shard {
         }
     }
 
-    /// Starts closing a client: out of every topic, queue the close frame, and give it `grace`
-    /// to flush. A slow consumer's backlog is discarded first (except a half-written frame,
-    /// which must be finished for the close frame to be readable).
-    fn begin_close(
-        &mut self,
-        key: usize,
-        code: u16,
-        reason: &str,
-        why: DisconnectReason,
-        grace: Duration,
-    ) {
-        let deadline = self.now_tick() + self.ticks(grace);
-        let c = &mut self.clients[key];
-        if !c.is_open() {
-            return;
-        }
-        c.conn.closing.store(true, Ordering::Release);
-        c.phase = Phase::Closing {
-            why,
-            reader_gone: false,
-            write_shut: false,
-        };
-        // Counted when the reason is decided; `finalize` counts only clients never closed.
-        self.disconnects.record(why);
-        let c = &mut self.clients[key];
-        if why == DisconnectReason::SlowConsumer {
-            let keep = usize::from(c.head_partial);
-            c.queue.truncate(keep);
-            c.queued = c.queue.iter().map(Bytes::len).sum();
-        }
-        let id = c.id;
-        let attached = c.stream.is_some();
-        c.push(frame::close(code, reason));
-        let topics = c.topics.clone();
-        for topic in topics.iter() {
-            self.unsubscribe(topic, key);
-        }
-        if !attached {
-            self.finalize(key, why);
-            return;
-        }
-        self.wheel.schedule(
-            deadline,
-            Timer {
-                key,
-                id,
-                kind: TimerKind::CloseDeadline,
-            },
-        );
-        // Every caller ends its batch with `end_batch`, which flushes dirty clients.
-        self.mark_dirty(key);
-    }
-
-    /// Called when a closing client's queue (ending in the close frame) has been written.
-    fn close_progress(&mut self, key: usize) {
-        let c = &mut self.clients[key];
-        let Phase::Closing {
-            why,
-            reader_gone,
-            write_shut,
-        } = &mut c.phase
-        else {
-            return;
-        };
-        if *reader_gone {
-            let why = *why;
-            self.finalize(key, why);
-            return;
-        }
-        if !*write_shut {
-            *write_shut = true;
-            if let Some(s) = &c.stream {
-                // Half-close: the client sees our FIN after the close frame and can answer.
-                s.shutdown(Shutdown::Write);
-            }
-        }
-    }
-
-    /// Frees a client: its topics, its queue, its socket and its admission.
-    fn finalize(&mut self, key: usize, why: DisconnectReason) {
-        let Some(c) = self.clients.try_remove(key) else {
-            return;
-        };
-        if c.is_open() {
-            for topic in c.topics.iter() {
-                self.unsubscribe(topic, key);
-            }
-            self.disconnects.record(why);
-        }
-        c.conn.closing.store(true, Ordering::Release);
-        if let Some(s) = &c.stream {
-            // Wakes the reader with end-of-file if it is still waiting.
-            s.shutdown(Shutdown::Both);
-        }
-        tracing::debug!(
-            shard = self.index,
-            key,
-            id = c.id,
-            reason = why.as_str(),
-            "client freed"
-        );
-    }
-
     fn subscribe(&mut self, topic: &Topic, key: usize) {
         let subs = self.topics.entry(topic.clone()).or_default();
         if subs.is_empty() {
@@ -914,113 +634,6 @@ impl Shard {
             self.engine.interest.leave(topic, self.index);
         }
     }
-
-    fn on_tick(&mut self) {
-        let now = self.now_tick();
-        let mut fired = std::mem::take(&mut self.fired);
-        self.wheel.advance(now, &mut fired);
-        let c = &self.engine.config;
-        let (ping_every, pong_within, write_timeout) = (
-            self.ticks(c.ping_interval),
-            self.ticks(c.pong_timeout),
-            self.ticks(c.write_timeout),
-        );
-        for Timer { key, id, kind } in fired.drain(..) {
-            let Some(c) = self.client_mut(key, id) else {
-                continue;
-            };
-            let open = c.is_open();
-            match kind {
-                TimerKind::Ping if open => {
-                    c.conn.alive.store(false, Ordering::Relaxed);
-                    self.wheel.schedule(
-                        now + pong_within,
-                        Timer {
-                            key,
-                            id,
-                            kind: TimerKind::PongDeadline,
-                        },
-                    );
-                    self.enqueue_control(key, frame::ping());
-                }
-                TimerKind::PongDeadline if open => {
-                    if c.conn.alive.load(Ordering::Relaxed) {
-                        let next = (now + ping_every).saturating_sub(pong_within);
-                        self.wheel.schedule(
-                            next,
-                            Timer {
-                                key,
-                                id,
-                                kind: TimerKind::Ping,
-                            },
-                        );
-                    } else {
-                        tracing::debug!(shard = self.index, key, "pong timeout");
-                        self.begin_close(
-                            key,
-                            close_code::PONG_TIMEOUT,
-                            "pong timeout",
-                            DisconnectReason::PongTimeout,
-                            CLOSE_GRACE,
-                        );
-                    }
-                }
-                TimerKind::WriteCheck => match c.stalled_since {
-                    Some(since) if now >= since + write_timeout => {
-                        let why = if open {
-                            DisconnectReason::WriteTimeout
-                        } else {
-                            closing_reason(c)
-                        };
-                        tracing::debug!(shard = self.index, key, "write timeout");
-                        self.finalize(key, why);
-                    }
-                    Some(since) => self
-                        .wheel
-                        .schedule(since + write_timeout, Timer { key, id, kind }),
-                    None => c.write_check_pending = false,
-                },
-                TimerKind::CloseDeadline => {
-                    let why = closing_reason(c);
-                    self.finalize(key, why);
-                }
-                _ => {}
-            }
-        }
-        self.fired = fired;
-        self.drain_step();
-        self.end_batch();
-    }
-
-    /// Closes a client for the shutdown (1001), keeping its backlog ahead of the close frame.
-    fn going_away(&mut self, key: usize, grace: Duration) {
-        self.begin_close(
-            key,
-            close_code::GOING_AWAY,
-            "going away",
-            DisconnectReason::Shutdown,
-            grace,
-        );
-    }
-
-    /// Closes every open client with 1001 at once, each with the short close grace. Also
-    /// ends a drain in progress.
-    fn shutdown(&mut self) {
-        self.draining = true;
-        self.drain = None;
-        let keys: Vec<usize> = self.clients.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            self.going_away(key, CLOSE_GRACE);
-        }
-        self.end_batch();
-    }
-}
-
-fn closing_reason(c: &Client) -> DisconnectReason {
-    match c.phase {
-        Phase::Closing { why, .. } => why,
-        Phase::Open => DisconnectReason::ClientClose,
-    }
 }
 
 /// A handle on `frame` whose reference count belongs to this shard alone: every other shard
@@ -1029,90 +642,4 @@ fn closing_reason(c: &Client) -> DisconnectReason {
 /// `shard_fanout_two_shards`). The payload is not copied: the new handle owns the old one.
 fn shard_handle(frame: Bytes) -> Bytes {
     Bytes::from_owner(frame)
-}
-
-/// One shard with `k` subscribers of one topic and no sockets, for measuring the in-process
-/// cost of fan-out (`benches/engine.rs`). Not part of the API (feature `internals`).
-#[cfg(feature = "internals")]
-pub struct FanoutFixture {
-    shard: Shard,
-    topic: Topic,
-    frame: Bytes,
-    /// Keeps the shard's inbox open; nothing reads it.
-    _inbox: Vec<mpsc::Receiver<ShardMsg>>,
-    /// The reservations' answers, kept so the shard sees the handshakes as still waiting.
-    _replies: Vec<oneshot::Receiver<usize>>,
-}
-
-#[cfg(feature = "internals")]
-impl FanoutFixture {
-    /// `k` subscribers, each with a send budget large enough for `burst` frames of
-    /// `payload` bytes between two [`FanoutFixture::drain`] calls.
-    pub fn new(k: usize, payload: usize, burst: usize) -> Self {
-        let frame = frame::encode(crate::Opcode::Binary, &vec![7u8; payload]);
-        let config = crate::EngineConfig {
-            shards: 1,
-            send_queue_bytes: (frame.len() * burst).max(1 << 20),
-            ..crate::EngineConfig::default()
-        };
-        let (engine, inbox) = crate::Engine::without_shards(config);
-        let mut shard = Shard::new(0, Arc::clone(engine.inner()));
-        let topic = Topic::new("bench").expect("a valid topic");
-        let mut replies = Vec::with_capacity(k);
-        for id in 0..k as u64 {
-            let (reply, rx) = oneshot::channel();
-            replies.push(rx);
-            shard.handle(ShardMsg::Reserve {
-                id,
-                topics: Box::new([topic.clone()]),
-                conn: Arc::new(ConnShared::default()),
-                guard: Box::new(()),
-                reply,
-            });
-        }
-        Self {
-            shard,
-            topic,
-            frame,
-            _inbox: inbox,
-            _replies: replies,
-        }
-    }
-
-    /// Pushes one frame onto every subscriber's queue: what a shard does per publish.
-    pub fn publish(&mut self) {
-        self.shard
-            .fan_out(&self.topic, &shard_handle(self.frame.clone()));
-    }
-
-    /// As [`FanoutFixture::publish`], with `frame` (shared with other threads).
-    /// `own_handle: false` skips the shard's own handle, as the shard did before it had one.
-    pub fn publish_frame(&mut self, frame: &Bytes, own_handle: bool) {
-        if own_handle {
-            self.shard
-                .fan_out(&self.topic, &shard_handle(frame.clone()));
-        } else {
-            self.shard.fan_out(&self.topic, frame);
-        }
-    }
-
-    /// The frame [`FanoutFixture::publish`] sends.
-    pub fn frame(&self) -> Bytes {
-        self.frame.clone()
-    }
-
-    /// Empties every queue, as writing them to sockets would.
-    pub fn drain(&mut self) {
-        for (_, c) in self.shard.clients.iter_mut() {
-            c.queue.clear();
-            c.queued = 0;
-            c.dirty = false;
-        }
-        self.shard.dirty.clear();
-    }
-
-    /// Frames delivered so far.
-    pub fn deliveries(&self) -> u64 {
-        self.shard.deliveries
-    }
 }

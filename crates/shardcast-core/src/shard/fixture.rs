@@ -1,0 +1,98 @@
+//! A shard with subscribers and no sockets, for measuring the in-process cost of fan-out
+//! (`benches/engine.rs`). Compiled only with feature `internals`; not part of the API.
+//!
+//! What does not live here: the shard's own unit tests (`tests.rs`), which drive a shard
+//! with real sockets on a paused clock.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{ConnShared, Shard, ShardMsg, shard_handle};
+use crate::Topic;
+use crate::frame;
+
+/// One shard with `k` subscribers of one topic and no sockets, for measuring the in-process
+/// cost of fan-out (`benches/engine.rs`). Not part of the API (feature `internals`).
+pub struct FanoutFixture {
+    shard: Shard,
+    topic: Topic,
+    frame: Bytes,
+    /// Keeps the shard's inbox open; nothing reads it.
+    _inbox: Vec<mpsc::Receiver<ShardMsg>>,
+    /// The reservations' answers, kept so the shard sees the handshakes as still waiting.
+    _replies: Vec<oneshot::Receiver<usize>>,
+}
+
+impl FanoutFixture {
+    /// `k` subscribers, each with a send budget large enough for `burst` frames of
+    /// `payload` bytes between two [`FanoutFixture::drain`] calls.
+    pub fn new(k: usize, payload: usize, burst: usize) -> Self {
+        let frame = frame::encode(crate::Opcode::Binary, &vec![7u8; payload]);
+        let config = crate::EngineConfig {
+            shards: 1,
+            send_queue_bytes: (frame.len() * burst).max(1 << 20),
+            ..crate::EngineConfig::default()
+        };
+        let (engine, inbox) = crate::Engine::without_shards(config);
+        let mut shard = Shard::new(0, Arc::clone(engine.inner()));
+        let topic = Topic::new("bench").expect("a valid topic");
+        let mut replies = Vec::with_capacity(k);
+        for id in 0..k as u64 {
+            let (reply, rx) = oneshot::channel();
+            replies.push(rx);
+            shard.handle(ShardMsg::Reserve {
+                id,
+                topics: Box::new([topic.clone()]),
+                conn: Arc::new(ConnShared::default()),
+                guard: Box::new(()),
+                reply,
+            });
+        }
+        Self {
+            shard,
+            topic,
+            frame,
+            _inbox: inbox,
+            _replies: replies,
+        }
+    }
+
+    /// Pushes one frame onto every subscriber's queue: what a shard does per publish.
+    pub fn publish(&mut self) {
+        self.shard
+            .fan_out(&self.topic, &shard_handle(self.frame.clone()));
+    }
+
+    /// As [`FanoutFixture::publish`], with `frame` (shared with other threads).
+    /// `own_handle: false` skips the shard's own handle, as the shard did before it had one.
+    pub fn publish_frame(&mut self, frame: &Bytes, own_handle: bool) {
+        if own_handle {
+            self.shard
+                .fan_out(&self.topic, &shard_handle(frame.clone()));
+        } else {
+            self.shard.fan_out(&self.topic, frame);
+        }
+    }
+
+    /// The frame [`FanoutFixture::publish`] sends.
+    pub fn frame(&self) -> Bytes {
+        self.frame.clone()
+    }
+
+    /// Empties every queue, as writing them to sockets would.
+    pub fn drain(&mut self) {
+        for (_, c) in self.shard.clients.iter_mut() {
+            c.queue.clear();
+            c.queued = 0;
+            c.dirty = false;
+        }
+        self.shard.dirty.clear();
+    }
+
+    /// Frames delivered so far.
+    pub fn deliveries(&self) -> u64 {
+        self.shard.deliveries
+    }
+}
