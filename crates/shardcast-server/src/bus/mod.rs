@@ -227,21 +227,20 @@ impl BusUrl {
 
     /// The URL without its credentials.
     fn without_userinfo(&self) -> String {
-        match self.raw.split_once("://") {
-            Some((scheme, rest)) => match rest.rsplit_once('@') {
-                Some((_, host)) => format!("{scheme}://{host}"),
-                None => self.raw.clone(),
-            },
-            None => self.raw.clone(),
-        }
+        replace_userinfo(&self.raw, "")
     }
 }
 
 /// `raw` with the credentials of a URL replaced by `<redacted>`.
 fn redact(raw: &str) -> String {
+    replace_userinfo(raw, "<redacted>@")
+}
+
+/// `raw` with `scheme://userinfo@` made `scheme://{with}`; as is without credentials.
+fn replace_userinfo(raw: &str, with: &str) -> String {
     match raw.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://<redacted>@{host}"),
+            Some((_, host)) => format!("{scheme}://{with}{host}"),
             None => raw.to_string(),
         },
         None => raw.to_string(),
