@@ -50,9 +50,18 @@ fn node_config(url: &BusUrl) -> Config {
 /// Starts `n` in-process nodes and waits until each has its bus session, so that their
 /// handshakes wait for broker subscriptions from then on.
 async fn start_nodes(url: &BusUrl, n: usize) -> Vec<TestServer> {
+    start_nodes_with(&BusConfig::new(url.clone()), n).await
+}
+
+/// [`start_nodes`] with these bus settings.
+async fn start_nodes_with(bus: &BusConfig, n: usize) -> Vec<TestServer> {
     let mut nodes = Vec::new();
     for _ in 0..n {
-        nodes.push(start(node_config(url)).await);
+        let c = Config {
+            bus: Some(bus.clone()),
+            ..config()
+        };
+        nodes.push(start(c).await);
     }
     for node in &nodes {
         connected(node).await;
@@ -82,33 +91,44 @@ async fn stop_all(nodes: Vec<TestServer>) {
 /// A `shardcast serve --bus` process, for a node that dies by SIGKILL.
 async fn spawn_node(url: &BusUrl) -> Proc {
     let port = free_port();
-    let node = Proc::spawn(env!("CARGO_BIN_EXE_shardcast"), node_args(url, port), port);
+    let args = node_args(&BusConfig::new(url.clone()), port);
+    let node = Proc::spawn(env!("CARGO_BIN_EXE_shardcast"), args, port);
     serving(port).await;
     node
 }
 
-/// [`spawn_node`] logging at `rust_log`, with the lines it logs.
-async fn spawn_node_logged(url: &BusUrl, rust_log: &str) -> (Proc, UnboundedReceiver<String>) {
+/// [`spawn_node`] with these bus settings, logging at `rust_log`, with the lines it logs.
+async fn spawn_node_logged(bus: &BusConfig, rust_log: &str) -> (Proc, UnboundedReceiver<String>) {
     let port = free_port();
     let bin = env!("CARGO_BIN_EXE_shardcast");
-    let (node, log) = Proc::spawn_logged(bin, node_args(url, port), port, rust_log);
+    let (node, log) = Proc::spawn_logged(bin, node_args(bus, port), port, rust_log);
     serving(port).await;
     (node, log)
 }
 
-fn node_args(url: &BusUrl, port: u16) -> Vec<String> {
-    [
+/// `shardcast serve` on `port` with the URL and files of `bus`.
+fn node_args(bus: &BusConfig, port: u16) -> Vec<String> {
+    let mut args: Vec<String> = [
         "serve",
         "--listen",
         &format!("127.0.0.1:{port}"),
         "--bus",
-        url.as_str(),
+        bus.url.as_str(),
         "--shards",
         "1",
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    for (flag, file) in [
+        ("--bus-ca-file", &bus.ca_file),
+        ("--bus-creds-file", &bus.creds_file),
+    ] {
+        if let Some(path) = file {
+            args.extend([flag.to_string(), path.display().to_string()]);
+        }
+    }
+    args
 }
 
 /// Waits until the shardcast process on `port` serves `/livez`.
@@ -1184,19 +1204,32 @@ async fn nats_subscriber_gets_messages_published_right_after_its_handshake() {
 /// The password the brokers of these tests want, and a wrong one.
 const PASSWORD: &str = "s3cret-bus";
 const WRONG: &str = "not-the-password";
+/// An ACL user's password, and a NATS token.
+const USER_PASSWORD: &str = "app-s3cret";
+const TOKEN: &str = "t0ken-s3cret";
+/// What no log line may hold.
+const SECRETS: [&str; 4] = [PASSWORD, WRONG, USER_PASSWORD, TOKEN];
 
 /// Two nodes whose `--bus` URL has the broker's password exchange a message on each of
 /// `topics` (for a cluster, one topic per primary, so every primary took the password).
-/// Then a node with the wrong password, or none, in its URL: it serves anyway, logs that the
-/// bus is unavailable with the broker's refusal (`refusal`) and without the password, keeps
-/// retrying with backoff (each attempt ends, none hangs), and reports the bus down in
-/// `/metrics`.
+/// Then a node with the wrong password, or none, in its URL: see [`secured`].
 async fn password(broker: &impl TestBroker, topics: &[String], refused: [(BusUrl, &str); 2]) {
-    let nodes = start_nodes(&broker.url(), 2).await;
+    let refused = refused.map(|(url, why)| (BusConfig::new(url), why));
+    secured(&BusConfig::new(broker.url()), topics, &refused).await;
+}
+
+/// Two nodes with the bus settings `good` exchange a message on each of `topics`. Then, for
+/// each of `refused` (a wrong password, a wrong CA…), a node with those settings: it serves
+/// anyway, logs that the bus is unavailable with the reason (`refusal`) and without any
+/// secret, keeps retrying with backoff (each attempt ends, none hangs), and reports the bus
+/// down in `/metrics`.
+async fn secured(good: &BusConfig, topics: &[String], refused: &[(BusConfig, &str)]) {
+    let nodes = start_nodes_with(good, 2).await;
     many_topics(&nodes, topics).await;
     stop_all(nodes).await;
-    for (url, refusal) in refused {
-        let (node, mut log) = spawn_node_logged(&url, "warn,shardcast_server::bus=debug").await;
+    for (bus, refusal) in refused {
+        let url = &bus.url;
+        let (node, mut log) = spawn_node_logged(bus, "warn,shardcast_server::bus=debug").await;
         let mut lines = log_until(&mut log, "bus unavailable").await;
         let warning = lines.last().expect("the warning").clone();
         assert!(warning.contains(refusal), "{url}: {warning}");
@@ -1204,10 +1237,8 @@ async fn password(broker: &impl TestBroker, topics: &[String], refused: [(BusUrl
             lines.extend(log_until(&mut log, "bus reconnect attempt failed").await);
         }
         assert!(
-            !lines
-                .iter()
-                .any(|l| l.contains(PASSWORD) || l.contains(WRONG)),
-            "a password in the log:\n{}",
+            !lines.iter().any(|l| SECRETS.iter().any(|s| l.contains(s))),
+            "a secret in the log:\n{}",
             lines.join("\n")
         );
         let metrics = http_get(node.port, "/metrics").await.expect("/metrics");
@@ -1236,4 +1267,176 @@ async fn redis_cluster_password_reaches_every_node() {
     ];
     let topics = topics_in_slots(&[100, 8000, 16000], 1).concat();
     password(&cluster, &topics, refused).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS and credentials
+
+/// `bus` on `url`, verifying the broker against the CA file `ca`.
+fn with_ca(url: BusUrl, ca: &std::path::Path) -> BusConfig {
+    BusConfig {
+        ca_file: Some(ca.to_path_buf()),
+        ..BusConfig::new(url)
+    }
+}
+
+/// What a node that does not trust the broker's certificate logs (rustls's reason).
+const UNTRUSTED: &str = "UnknownIssuer";
+
+/// `rediss://` with an ACL user: the nodes log in as `app` over TLS, verified against the
+/// test's CA; a wrong password, or a CA that did not sign the server's certificate, is
+/// refused with the reason logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn redis_tls_with_an_acl_user() {
+    let certs = Certs::new();
+    let other = Certs::new();
+    let user = format!(">{USER_PASSWORD}");
+    let acl = ["--user", "app", "on", &user, "~*", "&*", "+@all"];
+    let redis = Redis::start_opts(Some(PASSWORD), Some(&certs), &acl).await;
+    let good = with_ca(redis.url_as(&format!("app:{USER_PASSWORD}")), &certs.ca);
+    let refused = [
+        (
+            with_ca(redis.url_as(&format!("app:{WRONG}")), &certs.ca),
+            "WRONGPASS",
+        ),
+        (
+            with_ca(redis.url_as(&format!("app:{USER_PASSWORD}")), &other.ca),
+            UNTRUSTED,
+        ),
+    ];
+    secured(&good, &["room".into()], &refused).await;
+}
+
+/// `rediss+cluster://` with a password: TLS to the seeds and to every primary the cluster
+/// announces (its TLS ports), the cluster bus and replication over TLS too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn redis_cluster_tls_reaches_every_primary() {
+    let certs = Certs::new();
+    let other = Certs::new();
+    let cluster = RedisCluster::start_opts(Some(PASSWORD), Some(&certs)).await;
+    let good = with_ca(cluster.url(), &certs.ca);
+    let refused = [
+        (
+            with_ca(cluster.url_with(Some(WRONG)), &certs.ca),
+            "WRONGPASS",
+        ),
+        (with_ca(cluster.url(), &other.ca), UNTRUSTED),
+    ];
+    let topics = topics_in_slots(&[100, 8000, 16000], 1).concat();
+    secured(&good, &topics, &refused).await;
+}
+
+/// `tls://user:password@`: NATS with TLS required and a user; a wrong password or CA is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn nats_tls_with_a_user_and_password() {
+    let certs = Certs::new();
+    let other = Certs::new();
+    let auth = format!("user: app, password: \"{USER_PASSWORD}\"");
+    let nats = Nats::start_secured(Some(&certs), &auth).await;
+    let good = with_ca(
+        nats.url_as("tls", &format!("app:{USER_PASSWORD}")),
+        &certs.ca,
+    );
+    let refused = [
+        (
+            with_ca(nats.url_as("tls", &format!("app:{WRONG}")), &certs.ca),
+            "authorization violation",
+        ),
+        (
+            with_ca(
+                nats.url_as("tls", &format!("app:{USER_PASSWORD}")),
+                &other.ca,
+            ),
+            UNTRUSTED,
+        ),
+    ];
+    secured(&good, &["room".into()], &refused).await;
+}
+
+/// `nats://token@` to a server that requires TLS: the client upgrades as the server asks,
+/// verified against the CA file; a wrong token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn nats_token_over_tls_the_server_requires() {
+    let certs = Certs::new();
+    let nats = Nats::start_secured(Some(&certs), &format!("token: \"{TOKEN}\"")).await;
+    let good = with_ca(nats.url_as("nats", TOKEN), &certs.ca);
+    let refused = [
+        (
+            with_ca(nats.url_as("nats", WRONG), &certs.ca),
+            "authorization violation",
+        ),
+        (
+            with_ca(nats.url_as("nats", ""), &certs.ca),
+            "authorization violation",
+        ),
+    ];
+    secured(&good, &["room".into()], &refused).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// A silent stall of one cluster primary
+
+/// One primary of a 3-node cluster sits behind a [`Proxy`] (it announces the proxy's port,
+/// as a node behind a NAT does), so both nodes reach it through it. The proxy goes silent on
+/// the pub/sub connections to that primary only: commands still work everywhere, nothing
+/// comes back from that one primary. Each node sends a probe to every primary, misses that
+/// primary's, and restarts its session within two probe intervals (plus scheduling slack);
+/// then messages on topics of every primary flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and nats-server"]
+async fn redis_cluster_silent_stall_of_one_primary_is_detected() {
+    const EVERY: Duration = Duration::from_millis(500);
+    let cluster = RedisCluster::start().await;
+    let proxy = Proxy::start(cluster.ports()[1]).await;
+    cluster.announce_port(1, proxy.port).await;
+    let bus = BusConfig {
+        probe_interval: EVERY,
+        ..BusConfig::new(cluster.url())
+    };
+    let nodes = start_nodes_with(&bus, 2).await;
+    let topics = topics_in_slots(&[100, 8000, 16000], 1).concat();
+    let query: Vec<String> = topics.iter().map(|t| format!("topic={t}")).collect();
+    let mut a_sub = nodes[0].connect(&format!("/ws?{}", query.join("&"))).await;
+    for t in &topics {
+        interest_is(&cluster, t, 1).await;
+    }
+
+    let gagged_at = Instant::now();
+    // At least A's pub/sub connection to the primary (one of A's topics lives there); B's
+    // carries only B's probe of that primary.
+    assert!(proxy.gag(true) >= 1, "no pub/sub connection to silence");
+    for node in &nodes {
+        stats_until(node, "the stall of one primary detected", |s| {
+            s.bus
+                .as_ref()
+                .is_some_and(|b| b.stall_detected >= 1 && b.reconnects >= 1)
+        })
+        .await;
+    }
+    let took = gagged_at.elapsed();
+    assert!(
+        took <= 2 * EVERY + Duration::from_secs(1),
+        "detected after {took:?}, more than two probe intervals"
+    );
+
+    for node in &nodes {
+        connected(node).await;
+    }
+    for t in &topics {
+        interest_is(&cluster, t, 1).await;
+    }
+    for t in &topics {
+        publish_all(&nodes[1], t, t, 0..5).await;
+    }
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let got = read_to_markers(&mut a_sub, &names).await;
+    let want: Vec<(&str, Range<usize>)> = names.iter().map(|n| (*n, 0..5)).collect();
+    assert_exactly(&got, &want);
+    drop((a_sub, proxy));
+    stop_all(nodes).await;
 }

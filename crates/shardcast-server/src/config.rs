@@ -394,12 +394,18 @@ impl TlsConfig {
 #[derive(Args)]
 #[group(skip)]
 struct BusArgs {
-    /// Join other nodes through a broker: redis://host:port, redis+cluster://host:port,host:port or nats://host:port [default: standalone].
+    /// Join other nodes through a broker: redis://host:port, redis+cluster://host:port,host:port or nats://host:port; over TLS rediss://, rediss+cluster:// or tls://; credentials as user:password@ (NATS also token@) [default: standalone].
     #[arg(long, env = "SHARDCAST_BUS")]
     bus: Option<BusUrl>,
     /// Prefix of the broker channels (prefix:topic on Redis, prefix.topic on NATS).
     #[arg(long, env = "SHARDCAST_BUS_PREFIX", default_value = crate::bus::DEFAULT_PREFIX)]
     bus_prefix: String,
+    /// PEM CA certificates that verify the broker's TLS certificate [default: the system's roots].
+    #[arg(long, env = "SHARDCAST_BUS_CA_FILE")]
+    bus_ca_file: Option<PathBuf>,
+    /// NATS credentials file (user JWT and nkey seed) to authenticate to the broker.
+    #[arg(long, env = "SHARDCAST_BUS_CREDS_FILE")]
+    bus_creds_file: Option<PathBuf>,
 }
 
 const BUS_GROUP: &str = "bus_url";
@@ -407,11 +413,13 @@ const BUS_GROUP: &str = "bus_url";
 impl BusConfig {
     fn from_flags(matches: &ArgMatches) -> Result<Self, clap::Error> {
         let args = BusArgs::from_arg_matches(matches)?;
-        let url = args
-            .bus
-            .ok_or_else(|| invalid("--bus-prefix needs --bus".into()))?;
+        let url = args.bus.ok_or_else(|| {
+            invalid("--bus-prefix, --bus-ca-file and --bus-creds-file need --bus".into())
+        })?;
         Ok(Self {
             prefix: args.bus_prefix,
+            ca_file: args.bus_ca_file,
+            creds_file: args.bus_creds_file,
             ..Self::new(url)
         })
     }
@@ -537,6 +545,9 @@ impl Config {
         self.validate()?;
         let auth = crate::auth::Auth::new(&self.auth)?;
         let tls = self.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+        if let Some(bus) = &self.bus {
+            bus.check_files().map_err(Error::Config)?;
+        }
         Ok(Prepared {
             config: self,
             auth,

@@ -1,6 +1,7 @@
 //! The brokers the bus tests run against, each started here on free loopback ports and
 //! killed when dropped: a standalone Redis, a 3-node Redis Cluster and a NATS server (with or
-//! without a password for the Redis ones); a process handle ([`Proc`]); a minimal RESP
+//! without a password for the Redis ones; over TLS with certificates made here ([`Certs`]),
+//! with an ACL user or NATS authorization); a process handle ([`Proc`]); a minimal RESP
 //! client that reads the broker's own view (`PUBSUB NUMSUB`, `INFO commandstats`); and a
 //! TCP proxy that can go silent. [`TestBroker`] is what a test does to any of them.
 //!
@@ -9,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +43,71 @@ pub async fn poll<F: Future<Output = bool>>(what: &str, mut ready: impl FnMut() 
         }
     })
     .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates
+
+/// A CA made for one test and a server certificate it signed, for `localhost` and
+/// `127.0.0.1`, as PEM files in a temporary directory.
+pub struct Certs {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Certs {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // A name of its own: another test CA is another issuer, as in real life.
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, Ordering::Relaxed);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("shardcast test CA {n}"));
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA certificate");
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let params = rcgen::CertificateParams::new(names).expect("server params");
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let cert = params.signed_by(&key, &ca).expect("server certificate");
+        let path = |name: &str| dir.path().join(name);
+        std::fs::write(path("ca.pem"), ca.pem()).expect("write CA");
+        std::fs::write(path("server.pem"), cert.pem()).expect("write cert");
+        std::fs::write(path("server-key.pem"), key.serialize_pem()).expect("write key");
+        Self {
+            ca: path("ca.pem"),
+            cert: path("server.pem"),
+            key: path("server-key.pem"),
+            _dir: dir,
+        }
+    }
+
+    /// `redis-server` arguments serving TLS on `tls_port` with these files (clients need no
+    /// certificate of their own), its cluster bus and replication too.
+    fn redis_args(&self, tls_port: u16) -> Vec<String> {
+        let s = |p: &Path| p.display().to_string();
+        [
+            "--tls-port".to_string(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            s(&self.cert),
+            "--tls-key-file".into(),
+            s(&self.key),
+            "--tls-ca-cert-file".into(),
+            s(&self.ca),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--tls-cluster".into(),
+            "yes".into(),
+            "--tls-replication".into(),
+            "yes".into(),
+        ]
+        .into()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -384,6 +450,9 @@ fn auth_args(password: Option<&str>) -> Vec<&str> {
 pub struct Redis {
     broker: Proc,
     password: Option<String>,
+    /// Its TLS port, when it serves TLS (the plain port stays open for the tests' own
+    /// commands, on loopback).
+    tls_port: Option<u16>,
     _dir: tempfile::TempDir,
 }
 
@@ -394,10 +463,21 @@ impl Redis {
 
     /// A Redis that wants `password` (`requirepass`), or none.
     pub async fn start_with(password: Option<&str>) -> Self {
+        Self::start_opts(password, None, &[]).await
+    }
+
+    /// A Redis that wants `password` of the default user, serves TLS with `certs` when
+    /// given, and takes `extra` arguments (an ACL `--user`).
+    pub async fn start_opts(password: Option<&str>, certs: Option<&Certs>, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
+        let tls_port = certs.map(|_| free_port());
         let bin = need("redis-server");
-        let args = redis_args(port, dir.path(), &auth_args(password));
+        let mut args = redis_args(port, dir.path(), &auth_args(password));
+        if let (Some(certs), Some(tls_port)) = (certs, tls_port) {
+            args.extend(certs.redis_args(tls_port));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
         let broker = Proc::spawn(&bin, args, port);
         poll("redis-server to answer PING", || {
             redis_ready(port, password)
@@ -406,6 +486,7 @@ impl Redis {
         Self {
             broker,
             password: password.map(String::from),
+            tls_port,
             _dir: dir,
         }
     }
@@ -414,9 +495,22 @@ impl Redis {
         self.broker.port
     }
 
-    /// Its URL with `password` in it (the right one or not).
+    /// Its URL with `password` in it (the right one or not): `rediss://` to its TLS port
+    /// when it serves TLS.
     pub fn url_with(&self, password: Option<&str>) -> BusUrl {
-        redis_url("redis", &[self.port()], password)
+        match self.tls_port {
+            Some(port) => redis_url("rediss", &[port], password),
+            None => redis_url("redis", &[self.port()], password),
+        }
+    }
+
+    /// Its URL with `userinfo` (`user:password`) in it.
+    pub fn url_as(&self, userinfo: &str) -> BusUrl {
+        let url = self.url_with(None);
+        let (scheme, rest) = url.as_str().split_once("://").expect("a scheme");
+        format!("{scheme}://{userinfo}@{rest}")
+            .parse()
+            .expect("redis url")
     }
 }
 
@@ -451,6 +545,9 @@ impl TestBroker for Redis {
 pub struct RedisCluster {
     nodes: Vec<Proc>,
     password: Option<String>,
+    /// The nodes' TLS ports, when they serve TLS (their plain ports stay open for the tests'
+    /// own commands, on loopback).
+    tls_ports: Option<Vec<u16>>,
     _dir: tempfile::TempDir,
 }
 
@@ -462,11 +559,18 @@ impl RedisCluster {
     /// A 3-node cluster whose every node wants `password` (`requirepass`, `masterauth`), or
     /// none.
     pub async fn start_with(password: Option<&str>) -> Self {
+        Self::start_opts(password, None).await
+    }
+
+    /// [`RedisCluster::start_with`], serving TLS with `certs` when given: to clients, on the
+    /// cluster bus and for replication; the cluster is created over TLS.
+    pub async fn start_opts(password: Option<&str>, certs: Option<&Certs>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let cli = need("redis-cli");
         let bin = need("redis-server");
+        let tls_ports: Option<Vec<u16>> = certs.map(|_| (0..3).map(|_| free_port()).collect());
         let nodes: Vec<Proc> = (0..3)
-            .map(|_| {
+            .map(|i| {
                 let port = free_port();
                 let conf = dir.path().join(format!("nodes-{port}.conf"));
                 let conf = conf.display().to_string();
@@ -482,7 +586,11 @@ impl RedisCluster {
                     &bus_port,
                 ];
                 extra.extend(auth_args(password));
-                Proc::spawn(&bin, redis_args(port, dir.path(), &extra), port)
+                let mut args = redis_args(port, dir.path(), &extra);
+                if let (Some(certs), Some(tls)) = (certs, &tls_ports) {
+                    args.extend(certs.redis_args(tls[i]));
+                }
+                Proc::spawn(&bin, args, port)
             })
             .collect();
         for n in &nodes {
@@ -492,13 +600,19 @@ impl RedisCluster {
             })
             .await;
         }
-        let addrs: Vec<String> = nodes
+        let plain: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        let addrs: Vec<String> = tls_ports
+            .as_ref()
+            .unwrap_or(&plain)
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
+            .map(|port| format!("127.0.0.1:{port}"))
             .collect();
         let mut create = Command::new(&cli);
         if let Some(pw) = password {
             create.args(["-a", pw, "--no-auth-warning"]);
+        }
+        if let Some(certs) = certs {
+            create.args(["--tls", "--cacert"]).arg(&certs.ca);
         }
         let create = create
             .arg("--cluster")
@@ -521,6 +635,7 @@ impl RedisCluster {
         let cluster = Self {
             nodes,
             password: password.map(String::from),
+            tls_ports,
             _dir: dir,
         };
         cluster.wait_ok().await;
@@ -543,9 +658,39 @@ impl RedisCluster {
         self.nodes.iter().map(|n| n.port).collect()
     }
 
-    /// Its URL with `password` in it (the right one or not).
+    /// Its URL with `password` in it (the right one or not): `rediss+cluster://` to the TLS
+    /// ports when it serves TLS.
     pub fn url_with(&self, password: Option<&str>) -> BusUrl {
-        redis_url("redis+cluster", &self.ports(), password)
+        match &self.tls_ports {
+            Some(ports) => redis_url("rediss+cluster", ports, password),
+            None => redis_url("redis+cluster", &self.ports(), password),
+        }
+    }
+
+    /// Makes node `i` announce `port` to clients (`cluster-announce-port`), as a node behind
+    /// a proxy or a NAT does, and waits until every node's slot map says so.
+    pub async fn announce_port(&self, i: usize, port: u16) {
+        let password = self.password.as_deref();
+        let node = self.nodes[i].port.to_string();
+        let port_s = port.to_string();
+        let set = ["CONFIG", "SET", "cluster-announce-port", &port_s];
+        let ok = redis_cmd_auth(self.nodes[i].port, password, &set).await;
+        assert!(
+            matches!(&ok, Some(Resp::Simple(s)) if s == "OK"),
+            "{node}: {ok:?}"
+        );
+        let want = format!("Int({port})");
+        for p in self.ports() {
+            poll("every node to announce the new port", || {
+                let want = want.clone();
+                async move {
+                    redis_cmd_auth(p, password, &["CLUSTER", "SLOTS"])
+                        .await
+                        .is_some_and(|r| format!("{r:?}").contains(&want))
+                }
+            })
+            .await;
+        }
     }
 }
 
@@ -589,6 +734,8 @@ pub struct Nats {
     pub broker: Proc,
     /// The monitoring port (`-m`), for `/connz?subs=1`.
     monitor: u16,
+    /// The configuration file of a secured server, kept while it runs.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Nats {
@@ -607,9 +754,50 @@ impl Nats {
         .map(|s| s.to_string())
         .collect();
         let broker = Proc::spawn(&need("nats-server"), args, port);
-        let nats = Self { broker, monitor };
+        let nats = Self {
+            broker,
+            monitor,
+            _dir: None,
+        };
         nats.wait_ready().await;
         nats
+    }
+
+    /// A NATS server that serves TLS with `certs` (required of every client) when given, and
+    /// whose `authorization` block is `authorization` (`user: a, password: b`, `token: t`).
+    pub async fn start_secured(certs: Option<&Certs>, authorization: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let monitor = free_port();
+        let mut conf = format!(
+            "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\nauthorization {{ {authorization} }}\n"
+        );
+        if let Some(c) = certs {
+            conf += &format!(
+                "tls {{ cert_file: {:?}, key_file: {:?}, timeout: 2 }}\n",
+                c.cert.display().to_string(),
+                c.key.display().to_string()
+            );
+        }
+        let file = dir.path().join("nats.conf");
+        std::fs::write(&file, conf).expect("write nats.conf");
+        let args = vec!["-c".to_string(), file.display().to_string()];
+        let broker = Proc::spawn(&need("nats-server"), args, port);
+        let nats = Self {
+            broker,
+            monitor,
+            _dir: Some(dir),
+        };
+        nats.wait_ready().await;
+        nats
+    }
+
+    /// `scheme://userinfo@127.0.0.1:port` (no `@` when `userinfo` is empty).
+    pub fn url_as(&self, scheme: &str, userinfo: &str) -> BusUrl {
+        let at = if userinfo.is_empty() { "" } else { "@" };
+        format!("{scheme}://{userinfo}{at}127.0.0.1:{}", self.broker.port)
+            .parse()
+            .expect("nats url")
     }
 
     pub async fn wait_ready(&self) {

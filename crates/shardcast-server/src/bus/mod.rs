@@ -26,6 +26,7 @@ mod redis;
 
 use std::collections::HashSet;
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -72,6 +73,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Longest a connect or a broker command may take before the session is given up.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Probes come back waiting for the bus task: a round's worth for a large cluster.
+const PROBES_CAPACITY: usize = 1024;
 /// Longest a WebSocket handshake waits for its node's broker subscriptions.
 pub(crate) const SUBSCRIBE_WAIT: Duration = Duration::from_secs(1);
 
@@ -83,9 +86,15 @@ pub struct BusConfig {
     /// Channels are named from it (`prefix:topic` on Redis, `prefix.topic` on NATS), so
     /// several deployments can share a broker.
     pub prefix: String,
-    /// How often the node sends a probe through the broker to itself. A probe not back by
-    /// the next one is a stall: the node reconnects and resubscribes.
+    /// How often the node sends a probe through the broker to itself (on a Redis Cluster,
+    /// one to each primary). A probe not back by the next one is a stall: the node reconnects
+    /// and resubscribes.
     pub probe_interval: Duration,
+    /// PEM file of the CA certificates that verify the broker's TLS certificate
+    /// (`--bus-ca-file`); `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// NATS credentials file (`--bus-creds-file`): a user JWT and its nkey seed.
+    pub creds_file: Option<PathBuf>,
 }
 
 impl BusConfig {
@@ -95,6 +104,8 @@ impl BusConfig {
             url,
             prefix: DEFAULT_PREFIX.to_string(),
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            ca_file: None,
+            creds_file: None,
         }
     }
 
@@ -114,18 +125,64 @@ impl BusConfig {
         if self.probe_interval.is_zero() {
             return Err("the bus probe interval must be greater than zero".into());
         }
+        // NATS upgrades `nats://` to TLS when the server asks, so a CA file serves there too;
+        // a Redis URL says whether it is TLS.
+        if self.ca_file.is_some() && self.url.kind != BusKind::Nats && !self.url.tls {
+            return Err(format!(
+                "--bus-ca-file needs a TLS bus URL (rediss:// or rediss+cluster://), not {}",
+                self.url
+            ));
+        }
+        if self.creds_file.is_some() && self.url.kind != BusKind::Nats {
+            return Err("--bus-creds-file is for NATS (nats:// or tls://) only".into());
+        }
         Ok(())
     }
+
+    /// Reads the CA and credentials files once, so a missing or unreadable one is a
+    /// configuration error at start rather than a bus that never connects. Each session
+    /// reads them again, so a renewed file takes effect at the next reconnect.
+    pub fn check_files(&self) -> Result<(), String> {
+        if let Some(path) = &self.ca_file {
+            tls_roots(path)?;
+        }
+        if let Some(path) = &self.creds_file {
+            nats::read_creds(path)?;
+        }
+        Ok(())
+    }
+}
+
+/// The CA certificates of a PEM file (`--bus-ca-file`), as rustls roots. An error names the
+/// file and says what is wrong with it.
+pub(crate) fn tls_roots(
+    path: &std::path::Path,
+) -> Result<tokio_rustls::rustls::RootCertStore, String> {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    let bad = |why: String| format!("--bus-ca-file {}: {why}", path.display());
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| bad(format!("unreadable PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("holds no PEM certificate".into()));
+    }
+    Ok(roots)
 }
 
 /// The kind of broker a [`BusUrl`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BusKind {
-    /// `redis://host:port`: one Redis, `PUBLISH`/`SUBSCRIBE`.
+    /// `redis://host:port` (`rediss://` over TLS): one Redis, `PUBLISH`/`SUBSCRIBE`.
     Redis,
-    /// `redis+cluster://host:port,host:port`: sharded pub/sub, `SPUBLISH`/`SSUBSCRIBE`.
+    /// `redis+cluster://host:port,host:port` (`rediss+cluster://` over TLS): sharded
+    /// pub/sub, `SPUBLISH`/`SSUBSCRIBE`.
     RedisCluster,
-    /// `nats://host:port`: subjects `prefix.topic`.
+    /// `nats://host:port` (`tls://` to require TLS): subjects `prefix.topic`.
     Nats,
 }
 
@@ -134,6 +191,8 @@ pub enum BusKind {
 pub struct BusUrl {
     raw: String,
     kind: BusKind,
+    /// The scheme asks for TLS: `rediss`, `rediss+cluster` or NATS's `tls`.
+    tls: bool,
     /// `(host, port)` of every node named (one but for Redis Cluster).
     hosts: Vec<(String, u16)>,
 }
@@ -143,6 +202,12 @@ impl BusUrl {
         self.kind
     }
 
+    /// Whether the scheme asks for TLS (`rediss://`, `rediss+cluster://`, `tls://`). A
+    /// `nats://` URL still gets TLS from a server that requires it.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
     /// The URL as given.
     pub fn as_str(&self) -> &str {
         &self.raw
@@ -150,13 +215,35 @@ impl BusUrl {
 
     /// The URL with any credentials replaced, for logs and `shardcast config`.
     pub fn redacted(&self) -> String {
-        match self.raw.split_once("://") {
-            Some((scheme, rest)) => match rest.rsplit_once('@') {
-                Some((_, host)) => format!("{scheme}://<redacted>@{host}"),
-                None => self.raw.clone(),
-            },
-            None => self.raw.clone(),
-        }
+        redact(&self.raw)
+    }
+
+    /// The credentials of the URL (`user:password@`, `:password@` or `token@`), still
+    /// percent-encoded; `None` without an `@`. They end at the last `@`.
+    fn userinfo(&self) -> Option<&str> {
+        let rest = self.raw.split_once("://").map_or("", |(_, rest)| rest);
+        rest.rsplit_once('@').map(|(userinfo, _)| userinfo)
+    }
+
+    /// The URL without its credentials.
+    fn without_userinfo(&self) -> String {
+        replace_userinfo(&self.raw, "")
+    }
+}
+
+/// `raw` with the credentials of a URL replaced by `<redacted>`.
+fn redact(raw: &str) -> String {
+    replace_userinfo(raw, "<redacted>@")
+}
+
+/// `raw` with `scheme://userinfo@` made `scheme://{with}`; as is without credentials.
+fn replace_userinfo(raw: &str, with: &str) -> String {
+    match raw.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://{with}{host}"),
+            None => raw.to_string(),
+        },
+        None => raw.to_string(),
     }
 }
 
@@ -178,16 +265,20 @@ impl FromStr for BusUrl {
     fn from_str(raw: &str) -> Result<Self, String> {
         let bad = |why: &str| {
             Err(format!(
-                "invalid bus URL {raw:?}: {why} (try redis://127.0.0.1:6379, redis+cluster://127.0.0.1:7000,127.0.0.1:7001 or nats://127.0.0.1:4222)"
+                "invalid bus URL {:?}: {why} (try redis://127.0.0.1:6379, redis+cluster://127.0.0.1:7000,127.0.0.1:7001 or nats://127.0.0.1:4222; over TLS rediss://, rediss+cluster:// or tls://)",
+                redact(raw)
             ))
         };
         let Some((scheme, rest)) = raw.split_once("://") else {
             return bad("no scheme");
         };
-        let kind = match scheme {
-            "redis" => BusKind::Redis,
-            "redis+cluster" => BusKind::RedisCluster,
-            "nats" => BusKind::Nats,
+        let (kind, tls) = match scheme {
+            "redis" => (BusKind::Redis, false),
+            "rediss" => (BusKind::Redis, true),
+            "redis+cluster" => (BusKind::RedisCluster, false),
+            "rediss+cluster" => (BusKind::RedisCluster, true),
+            "nats" => (BusKind::Nats, false),
+            "tls" => (BusKind::Nats, true),
             _ => return bad(&format!("unknown scheme {scheme:?}")),
         };
         // Credentials, if any, end at the last '@'; a database path follows the address.
@@ -213,6 +304,7 @@ impl FromStr for BusUrl {
         Ok(Self {
             raw: raw.to_string(),
             kind,
+            tls,
             hosts,
         })
     }
@@ -487,13 +579,26 @@ pub(crate) enum BusError {
     },
     #[error("the connection to {url} closed")]
     Closed { url: String },
-    #[error("{url} did not answer within {after:?} on a connection that looks up: stalled")]
-    Stalled { url: String, after: Duration },
+    #[error("{url}{on} did not answer within {after:?} on a connection that looks up: stalled")]
+    Stalled {
+        url: String,
+        /// Which part of the broker, when one was singled out: ` (cluster primary h:p)`.
+        on: String,
+        after: Duration,
+    },
+}
+
+/// One stall probe channel of a session and, on a Redis Cluster, the primary it lives on.
+pub(crate) struct Probe {
+    channel: String,
+    primary: Option<String>,
 }
 
 /// Channel (Redis) or subject (NATS) names.
 ///
-/// Redis: `prefix:topic`, probe `prefix#probe:<node>`. NATS: `prefix.topic`, or
+/// Redis: `prefix:topic`, probe `prefix#probe:<node>` (on a cluster, one probe per primary:
+/// `prefix#probe:<node>:{<n>}`, its hash tag `n` chosen so that the slot is the primary's).
+/// NATS: `prefix.topic`, or
 /// `prefix-x.<hex>` for a topic that would make an empty subject token (a leading,
 /// trailing or doubled `.`), probe `prefix-probe.<node>`. `#` and `-x`/`-probe` after the
 /// prefix cannot start a topic's name, so no topic maps onto a probe or onto another topic.
@@ -569,8 +674,8 @@ pub(crate) struct Inbound {
     /// never go back to the bus.
     engine: Engine,
     naming: Arc<Naming>,
-    /// Sequence numbers of this node's probes as they come back.
-    probes: mpsc::Sender<u64>,
+    /// This node's probes as they come back: the channel and the sequence number.
+    probes: mpsc::Sender<(String, u64)>,
 }
 
 impl Inbound {
@@ -583,8 +688,10 @@ impl Inbound {
         if env.node == self.bus.node {
             if env.kind == Kind::Probe {
                 if let Ok(seq) = <[u8; 8]>::try_from(env.payload) {
-                    // Full only if probes pile up unread, which the next one makes moot.
-                    let _ = self.probes.try_send(u64::from_be_bytes(seq));
+                    // Full only if probes pile up unread, which the next round makes moot.
+                    let _ = self
+                        .probes
+                        .try_send((channel.to_string(), u64::from_be_bytes(seq)));
                 }
             } else {
                 self.bus.dropped_own.fetch_add(1, Ordering::Relaxed);
@@ -617,13 +724,14 @@ enum Session {
 }
 
 impl Session {
-    async fn connect(url: &BusUrl, inbound: Inbound) -> Result<Self, BusError> {
+    async fn connect(config: &BusConfig, inbound: Inbound) -> Result<Self, BusError> {
+        let url = &config.url;
         let connect = async {
             match url.kind {
-                BusKind::Redis | BusKind::RedisCluster => {
-                    redis::Session::connect(url, inbound).await.map(Self::Redis)
-                }
-                BusKind::Nats => nats::Session::connect(url, inbound)
+                BusKind::Redis | BusKind::RedisCluster => redis::Session::connect(config, inbound)
+                    .await
+                    .map(Self::Redis),
+                BusKind::Nats => nats::Session::connect(config, inbound)
                     .await
                     .map(|s| Self::Nats(Box::new(s))),
             }
@@ -655,6 +763,7 @@ impl Session {
             }),
             Err(_) => Err(BusError::Stalled {
                 url: url.redacted(),
+                on: String::new(),
                 after: limit,
             }),
         }
@@ -691,6 +800,18 @@ impl Session {
         match self {
             Self::Redis(s) => Self::timed(url, "publish", limit, s.publish(batch)).await,
             Self::Nats(s) => Self::timed(url, "publish", limit, s.publish(batch)).await,
+        }
+    }
+
+    /// The probe channels of this session: one, or one per primary of a Redis Cluster
+    /// (named from `base`), so a silent stall of any primary misses its probe.
+    fn probes(&self, base: &str) -> Vec<Probe> {
+        match self {
+            Self::Redis(s) => s.probes(base),
+            Self::Nats(_) => vec![Probe {
+                channel: base.to_string(),
+                primary: None,
+            }],
         }
     }
 
@@ -752,19 +873,21 @@ struct Task {
 
 impl Task {
     async fn run(mut self) {
-        let url = self.config.url.clone();
         let mut backoff = BACKOFF_MIN;
         let mut sessions = 0u64;
         let mut failures = 0u64;
         loop {
-            let (probes_tx, probes_rx) = mpsc::channel(16);
+            let (probes_tx, probes_rx) = mpsc::channel(PROBES_CAPACITY);
             let inbound = Inbound {
                 bus: Arc::clone(&self.bus),
                 engine: self.engine.clone(),
                 naming: Arc::clone(&self.naming),
                 probes: probes_tx,
             };
-            let connected = self.while_draining(Session::connect(&url, inbound)).await;
+            let config = self.config.clone();
+            let connected = self
+                .while_draining(Session::connect(&config, inbound))
+                .await;
             match connected {
                 Ok(mut session) => {
                     failures = 0;
@@ -817,39 +940,54 @@ impl Task {
     }
 
     /// Runs one session until it fails; returns why.
-    async fn serve(&mut self, session: &mut Session, mut probes: mpsc::Receiver<u64>) -> BusError {
-        match self.start(session).await {
-            Ok(()) => {}
+    async fn serve(
+        &mut self,
+        session: &mut Session,
+        mut probes: mpsc::Receiver<(String, u64)>,
+    ) -> BusError {
+        let channels = match self.start(session).await {
+            Ok(channels) => channels,
             Err(e) => return e,
-        }
-        tracing::info!(url = %self.config.url, subscriptions = self.subscribed.len(), "bus connected");
+        };
+        tracing::info!(url = %self.config.url, subscriptions = self.subscribed.len(), probes = channels.len(), "bus connected");
         let every = self.config.probe_interval;
         let mut probe_tick = tokio::time::interval(every);
         probe_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut outstanding: Option<(u64, Instant)> = None;
+        // The round in flight: its number, when it was sent, the probes not yet back.
+        let mut outstanding: Option<(u64, Instant, Vec<&Probe>)> = None;
         let mut reconcile_at: Option<Instant> = None;
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);
         loop {
             let result = tokio::select! {
                 biased;
                 _ = session.closed() => Err(BusError::Closed { url: self.config.url.redacted() }),
-                Some(seq) = probes.recv() => {
-                    if let Some((want, sent)) = outstanding
-                        && want == seq
+                Some((channel, seq)) = probes.recv() => {
+                    if let Some((want, sent, waiting)) = &mut outstanding
+                        && *want == seq
                     {
-                        lock(&self.bus.round_trip).observe(sent.elapsed().as_secs_f64());
-                        outstanding = None;
+                        waiting.retain(|p| p.channel != channel);
+                        if waiting.is_empty() {
+                            // The slowest primary's round trip.
+                            lock(&self.bus.round_trip).observe(sent.elapsed().as_secs_f64());
+                            outstanding = None;
+                        }
                     }
                     Ok(())
                 }
                 _ = probe_tick.tick() => {
-                    if outstanding.is_some() {
-                        Err(BusError::Stalled { url: self.config.url.redacted(), after: every })
+                    if let Some((_, _, waiting)) = &outstanding {
+                        let primaries: Vec<&str> = waiting.iter().filter_map(|p| p.primary.as_deref()).collect();
+                        let on = match primaries.as_slice() {
+                            [] => String::new(),
+                            [one] => format!(" (cluster primary {one})"),
+                            many => format!(" (cluster primaries {})", many.join(", ")),
+                        };
+                        Err(BusError::Stalled { url: self.config.url.redacted(), on, after: every })
                     } else {
                         self.probe_seq += 1;
-                        outstanding = Some((self.probe_seq, Instant::now()));
+                        outstanding = Some((self.probe_seq, Instant::now(), channels.iter().collect()));
                         let probe = envelope::encode(self.bus.node, Kind::Probe, &self.probe_seq.to_be_bytes());
-                        let batch = vec![(self.naming.probe.clone(), probe)];
+                        let batch = channels.iter().map(|p| (p.channel.clone(), probe.clone())).collect();
                         session.publish(&self.config.url, every, batch).await
                     }
                 }
@@ -879,17 +1017,18 @@ impl Task {
         }
     }
 
-    /// Subscribes a new session to its probe channel and to every topic in the registry.
-    async fn start(&mut self, session: &mut Session) -> Result<(), BusError> {
+    /// Subscribes a new session to its probe channels and to every topic in the registry;
+    /// returns the probe channels.
+    async fn start(&mut self, session: &mut Session) -> Result<Vec<Probe>, BusError> {
         self.subscribed.clear();
         self.pending.clear();
         self.bus.rescan.store(false, Ordering::Release);
-        session
-            .subscribe(&self.config.url, vec![self.naming.probe.clone()])
-            .await?;
+        let probes = session.probes(&self.naming.probe);
+        let channels = probes.iter().map(|p| p.channel.clone()).collect();
+        session.subscribe(&self.config.url, channels).await?;
         self.reconcile(session, true).await?;
         self.bus.set_connected(true);
-        Ok(())
+        Ok(probes)
     }
 
     /// Brings the broker subscriptions in line with the interest registry, level-triggered:
@@ -1019,6 +1158,67 @@ mod tests {
             let err = bad.parse::<BusUrl>().unwrap_err();
             assert!(err.contains("invalid bus URL"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn tls_schemes_parse_and_errors_never_show_credentials() {
+        for (raw, kind, tls) in [
+            ("rediss://u:p@h:6380/1", BusKind::Redis, true),
+            (
+                "rediss+cluster://:p@h:7000,h:7001",
+                BusKind::RedisCluster,
+                true,
+            ),
+            ("tls://h:4222", BusKind::Nats, true),
+            ("nats://tok@h:4222", BusKind::Nats, false),
+        ] {
+            let u: BusUrl = raw.parse().unwrap();
+            assert_eq!((u.kind(), u.tls()), (kind, tls), "{raw}");
+        }
+        let err = "redis+tls://user:hunter2@h:1"
+            .parse::<BusUrl>()
+            .unwrap_err();
+        assert!(
+            err.contains("unknown scheme") && !err.contains("hunter2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ca_and_creds_files_go_with_the_brokers_that_use_them() {
+        let with = |url: &str, ca: bool, creds: bool| BusConfig {
+            ca_file: ca.then(|| "ca.pem".into()),
+            creds_file: creds.then(|| "u.creds".into()),
+            ..BusConfig::new(url.parse().unwrap())
+        };
+        with("rediss://h:1", true, false).validate().unwrap();
+        with("rediss+cluster://h:1,h:2", true, false)
+            .validate()
+            .unwrap();
+        with("nats://h:1", true, true).validate().unwrap();
+        with("tls://h:1", true, true).validate().unwrap();
+        let err = with("redis://h:1", true, false).validate().unwrap_err();
+        assert!(err.contains("--bus-ca-file needs a TLS bus URL"), "{err}");
+        let err = with("rediss://h:1", false, true).validate().unwrap_err();
+        assert!(err.contains("--bus-creds-file is for NATS"), "{err}");
+    }
+
+    #[test]
+    fn ca_files_are_read_or_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.cert.pem()).unwrap();
+        assert_eq!(tls_roots(&good).unwrap().len(), 1);
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate").unwrap();
+        assert!(
+            tls_roots(&empty)
+                .unwrap_err()
+                .contains("no PEM certificate")
+        );
+        let missing = tls_roots(&dir.path().join("none.pem")).unwrap_err();
+        assert!(missing.contains("--bus-ca-file") && missing.contains("none.pem"));
     }
 
     #[test]

@@ -4,20 +4,28 @@
 //! cluster uses sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`, Redis 7+), so a message travels
 //! only within the shard that owns its channel's slot.
 //!
+//! Over TLS (`rediss://`, `rediss+cluster://`) every connection, to the seeds and to the
+//! primaries a cluster announces, is verified with rustls (ring) against `--bus-ca-file` or
+//! the system's roots; the server name checked is the host as given or as announced, so a
+//! cluster's certificates must name the addresses the cluster announces (often IPs).
+//!
 //! fred's own reconnection is off: when a connection drops, the session ends and the bus task
 //! (`mod.rs`) builds a new one and resubscribes. Naming, envelopes and delivery live there.
 
 use bytes::Bytes;
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, EventInterface, PubsubInterface, ServerConfig,
+    Builder, Client, ClientLike, ClusterInterface, Config, EventInterface, PubsubInterface,
+    ServerConfig,
 };
+use fred::types::config::{TlsConfig, TlsConnector};
 use fred::types::{ConnectHandle, Value};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
-use super::{BusError, BusKind, BusUrl, COMMAND_TIMEOUT, Inbound};
+use super::{BusConfig, BusError, BusKind, BusUrl, COMMAND_TIMEOUT, Inbound, Probe};
 
 /// Pub/sub messages fred may hold for the reader before the oldest are lost (counted as
 /// rejected). The reader hands each straight to the shards, so this absorbs bursts only.
@@ -41,13 +49,17 @@ fn reason(e: fred::error::Error) -> String {
 }
 
 impl Session {
-    pub(super) async fn connect(url: &BusUrl, inbound: Inbound) -> Result<Self, BusError> {
+    pub(super) async fn connect(bus: &BusConfig, inbound: Inbound) -> Result<Self, BusError> {
+        let url = &bus.url;
         let fail = |reason: String| BusError::Connect {
             url: url.redacted(),
             reason,
         };
         let cluster = url.kind == BusKind::RedisCluster;
-        let config = config(url).map_err(|e| fail(reason(e)))?;
+        let mut config = config(url).map_err(|e| fail(reason(e)))?;
+        if url.tls {
+            config.tls = Some(tls(bus).map_err(fail)?);
+        }
         // No reconnect policy: a lost connection ends the session (see the module doc).
         let build = |events: usize| {
             let mut builder = Builder::from_config(config.clone());
@@ -152,6 +164,44 @@ impl Session {
         }
     }
 
+    /// The probe channels: `base`, or on a cluster one per primary of the slot map fred
+    /// read at connect, each named `base:{n}` with the first hash tag `n` whose slot that
+    /// primary owns. A primary added later gets its probe at the next session.
+    pub(super) fn probes(&self, base: &str) -> Vec<Probe> {
+        let one = || {
+            vec![Probe {
+                channel: base.to_string(),
+                primary: None,
+            }]
+        };
+        let routing = match self.publisher.cached_cluster_state() {
+            Some(routing) if self.cluster => routing,
+            _ => return one(),
+        };
+        let primaries = routing.unique_primary_nodes();
+        let mut probes: Vec<Probe> = Vec::with_capacity(primaries.len());
+        // A primary owning a share s of the slots is found within a few times 1/s tags; a
+        // primary with a single slot takes about 16384. The bound only guards a map that
+        // changes under us.
+        for n in 0..(1u32 << 20) {
+            if probes.len() == primaries.len() {
+                break;
+            }
+            let channel = format!("{base}:{{{n}}}");
+            let slot = fred::util::redis_keyslot(channel.as_bytes());
+            let Some(primary) = routing.get_server(slot).map(ToString::to_string) else {
+                continue;
+            };
+            if !probes.iter().any(|p| p.primary.as_ref() == Some(&primary)) {
+                probes.push(Probe {
+                    channel,
+                    primary: Some(primary),
+                });
+            }
+        }
+        if probes.is_empty() { one() } else { probes }
+    }
+
     pub(super) async fn closed(&mut self) {
         let [p, s] = &mut self.tasks;
         tokio::select! {
@@ -182,12 +232,14 @@ impl Drop for Session {
     }
 }
 
-/// fred's settings for `url`: one node, or the cluster's seed nodes. The user and password
-/// go to every node: fred authenticates each connection it opens, to the seeds and to the
-/// primaries it discovers, with the one `Config`.
+/// fred's settings for `url`, TLS aside: one node, or the cluster's seed nodes. The user and
+/// password go to every node: fred authenticates each connection it opens, to the seeds and
+/// to the primaries it discovers, with the one `Config`.
 fn config(url: &BusUrl) -> Result<Config, fred::error::Error> {
     if url.kind != BusKind::RedisCluster {
-        return Config::from_url_centralized(url.as_str());
+        // `rediss` would make fred build its own TLS settings: [`tls`] builds ours.
+        let rest = url.as_str().split_once("://").map_or("", |(_, rest)| rest);
+        return Config::from_url_centralized(&format!("redis://{rest}"));
     }
     let (username, password) = credentials(url)?;
     Ok(Config {
@@ -203,13 +255,31 @@ fn config(url: &BusUrl) -> Result<Config, fred::error::Error> {
 /// percent-escapes mean the same in both. fred cannot parse the cluster URL itself: it takes
 /// only one address.
 fn credentials(url: &BusUrl) -> Result<(Option<String>, Option<String>), fred::error::Error> {
-    // Credentials end at the last '@', as in `BusUrl::from_str`.
-    let rest = url.as_str().split_once("://").map_or("", |(_, rest)| rest);
-    let Some((userinfo, _)) = rest.rsplit_once('@') else {
+    let Some(userinfo) = url.userinfo() else {
         return Ok((None, None));
     };
     let one = Config::from_url_centralized(&format!("redis://{userinfo}@127.0.0.1"))?;
     Ok((one.username, one.password))
+}
+
+/// TLS for every connection: rustls with the ring provider, verifying against the CA file's
+/// certificates when one is given, else the system's roots.
+fn tls(bus: &BusConfig) -> Result<TlsConfig, String> {
+    use tokio_rustls::rustls::ClientConfig;
+    let connector = match &bus.ca_file {
+        Some(path) => {
+            let roots = super::tls_roots(path)?;
+            let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+            let config = ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            TlsConnector::from(config)
+        }
+        None => TlsConnector::default_rustls().map_err(reason)?,
+    };
+    Ok(connector.into())
 }
 
 /// Channels grouped by cluster hash slot.
