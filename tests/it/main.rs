@@ -15,6 +15,7 @@ mod cli;
 mod drain;
 mod lifecycle;
 mod loadgen;
+mod netfault;
 mod tls;
 mod top;
 mod violations;

@@ -116,6 +116,11 @@ impl Certs {
 /// Finds `bin` on the PATH (or in /usr/sbin, where Debian puts nats-server) or fails the
 /// test saying how to get it.
 pub fn need(bin: &str) -> String {
+    need_from(bin, "redis-server nats-server")
+}
+
+/// Finds `bin` like [`need`]; the failure names the Debian `packages` that provide it.
+pub fn need_from(bin: &str, packages: &str) -> String {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let found = std::env::split_paths(&path)
         .chain([Path::new("/usr/sbin").to_path_buf()])
@@ -123,10 +128,7 @@ pub fn need(bin: &str) -> String {
         .find(|p| p.is_file());
     match found {
         Some(p) => p.display().to_string(),
-        None => panic!(
-            "{bin} is not installed: the bus tests need real brokers \
-             (Debian: apt-get install redis-server nats-server)"
-        ),
+        None => panic!("{bin} is not installed (Debian: apt-get install {packages})"),
     }
 }
 
@@ -157,10 +159,24 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(bin: &str, args: Vec<String>, port: u16) -> Self {
-        let child = Command::new(bin)
+        Self::spawn_with(bin, args, port, |_| {})
+    }
+
+    /// Like [`Proc::spawn`], after `setup` has had its say on the command (its environment,
+    /// its stdin). [`Proc::restart`] starts it again without `setup`.
+    pub fn spawn_with(
+        bin: &str,
+        args: Vec<String>,
+        port: u16,
+        setup: impl FnOnce(&mut Command),
+    ) -> Self {
+        let mut command = Command::new(bin);
+        command
             .args(&args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::null());
+        setup(&mut command);
+        let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("failed to start {bin}: {e}"));
         Self {
@@ -202,6 +218,11 @@ impl Proc {
             bin: bin.to_string(),
         };
         (proc, rx)
+    }
+
+    /// Its process id (with `ip netns exec`, which execs, the program's own).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL, and reap it.
@@ -386,11 +407,16 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
 }
 
 pub fn redis_args(port: u16, dir: &Path, extra: &[&str]) -> Vec<String> {
+    redis_args_on("127.0.0.1", port, dir, extra)
+}
+
+/// [`redis_args`] listening on `bind` (an address of the host, or of its network namespace).
+pub fn redis_args_on(bind: &str, port: u16, dir: &Path, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         "--port",
         &port.to_string(),
         "--bind",
-        "127.0.0.1",
+        bind,
         "--save",
         "",
         "--appendonly",

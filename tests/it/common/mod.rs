@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod brokers;
+pub mod netns;
 
 use std::net::SocketAddr;
 use std::time::Duration;
