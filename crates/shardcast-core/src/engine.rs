@@ -5,162 +5,18 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::config::EngineConfig;
 use crate::frame::{self, Opcode};
-use crate::shard::{ConnShared, INBOX, Shard, ShardMsg, ShardStats};
+use crate::interest::{Interest, InterestWatcher};
+use crate::shard::{ConnShared, Guard, INBOX, Shard, ShardMsg, ShardStats};
 use crate::stats::{FANOUT_BOUNDS, Histogram, QUEUE_BOUNDS};
 use crate::{DisconnectCounts, DisconnectReason, Error, Topic};
-
-/// Upper bound on the number of shards; the interest map keeps a fixed-size shard bitset.
-pub const MAX_SHARDS: usize = 256;
-
-/// What the engine needs to know of the configuration. The server builds it from its own.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EngineConfig {
-    /// Number of hub shards (tasks): 1 to [`MAX_SHARDS`].
-    pub shards: usize,
-    /// Each client is pinged this often.
-    pub ping_interval: Duration,
-    /// A client that has not answered a ping within this time is closed with 4012.
-    pub pong_timeout: Duration,
-    /// A socket write that makes no progress for this long drops the client.
-    pub write_timeout: Duration,
-    /// Per-client outbound budget; a client whose queue would pass it is a slow consumer.
-    pub send_queue_bytes: usize,
-    /// Largest payload `publish` accepts.
-    pub max_message_bytes: usize,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            shards: 1,
-            ping_interval: Duration::from_secs(20),
-            pong_timeout: Duration::from_secs(10),
-            write_timeout: Duration::from_secs(10),
-            send_queue_bytes: 1 << 20,
-            max_message_bytes: 65536,
-        }
-    }
-}
-
-/// A set of shard indexes, one bit each.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct ShardSet([u64; MAX_SHARDS / 64]);
-
-impl ShardSet {
-    pub(crate) fn insert(&mut self, i: usize) {
-        self.0[i / 64] |= 1 << (i % 64);
-    }
-    pub(crate) fn remove(&mut self, i: usize) {
-        self.0[i / 64] &= !(1 << (i % 64));
-    }
-    pub(crate) fn is_empty(&self) -> bool {
-        self.0.iter().all(|w| *w == 0)
-    }
-    /// The set shards in increasing order, visiting only set bits.
-    pub(crate) fn iter(self) -> impl Iterator<Item = usize> {
-        self.0.into_iter().enumerate().flat_map(|(w, mut bits)| {
-            std::iter::from_fn(move || {
-                if bits == 0 {
-                    return None;
-                }
-                let i = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                Some(w * 64 + i)
-            })
-        })
-    }
-}
-
-/// Told when a topic gains its first subscriber on this node or loses its last one; the
-/// bus implements it to follow the node's interest on the broker.
-pub trait InterestWatcher: Send + Sync + 'static {
-    /// `topic`'s entry in the interest map appeared or went. Called synchronously by the
-    /// shard that made the change: it must not block (queue the topic, or flag a rescan).
-    fn changed(&self, topic: &Topic);
-}
-
-/// Which shards have at least one subscriber of each topic on this node.
-pub struct Interest {
-    /// Invariant: bit `i` of a topic's set is written only by shard `i`, synchronously while
-    /// it handles a subscribe (set on its first local subscriber) or an unsubscribe (cleared
-    /// on its last). A topic with no bits set has no entry. Publish reads it once per
-    /// message, never per delivery.
-    map: DashMap<Topic, ShardSet>,
-    /// Told of every entry created or removed, never per message.
-    watcher: Option<Arc<dyn InterestWatcher>>,
-}
-
-impl Interest {
-    /// Whether any local shard has a subscriber of `topic`.
-    pub fn contains(&self, topic: &Topic) -> bool {
-        self.map.contains_key(topic)
-    }
-
-    /// Topics with at least one local subscriber.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// The topics with a local subscriber, copied out (for a full rescan; not per message).
-    pub fn snapshot(&self) -> Vec<Topic> {
-        self.map.iter().map(|e| e.key().clone()).collect()
-    }
-
-    /// The shards interested in `topic`, copied out: no guard is held across an await.
-    fn shards(&self, topic: &Topic) -> Option<ShardSet> {
-        self.map.get(topic).map(|s| *s)
-    }
-
-    /// Shard `shard` has its first local subscriber of `topic`.
-    pub(crate) fn join(&self, topic: &Topic, shard: usize) {
-        let created = match self.map.entry(topic.clone()) {
-            Entry::Occupied(mut e) => {
-                e.get_mut().insert(shard);
-                false
-            }
-            Entry::Vacant(e) => {
-                e.insert(ShardSet::default()).insert(shard);
-                true
-            }
-        };
-        if created && let Some(w) = &self.watcher {
-            w.changed(topic);
-        }
-    }
-
-    /// Shard `shard` lost its last local subscriber of `topic`.
-    pub(crate) fn leave(&self, topic: &Topic, shard: usize) {
-        if let Some(mut set) = self.map.get_mut(topic) {
-            set.remove(shard);
-        }
-        let removed = self.map.remove_if(topic, |_, s| s.is_empty()).is_some();
-        if removed && let Some(w) = &self.watcher {
-            w.changed(topic);
-        }
-    }
-}
-
-impl std::fmt::Debug for Interest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Interest")
-            .field("topics", &self.map.len())
-            .finish_non_exhaustive()
-    }
-}
 
 /// Where a message entered the publish function (the `source` label of the metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,10 +30,6 @@ pub enum Source {
     /// Another node, through the bus: delivered locally, never sent back to the bus.
     Bus = 3,
 }
-
-/// Something the shard holds for a connection until it frees it, then drops: the server's
-/// admission (its share of the connection limits).
-pub type Guard = Box<dyn Send + 'static>;
 
 /// A connection's place on its shard, returned by [`Engine::reserve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,12 +109,13 @@ impl Default for Stats {
 }
 
 /// State shared by the engine's handles and its shards.
-pub(crate) struct Inner {
-    pub(crate) config: EngineConfig,
+struct Inner {
+    config: EngineConfig,
     /// One bounded inbox per shard. Sending awaits when a shard is behind, which pushes back
     /// on the publisher (its socket stops being read) instead of buffering without limit.
     shards: Vec<mpsc::Sender<ShardMsg>>,
-    pub(crate) interest: Interest,
+    /// Shared with every shard, which writes its own bit of each topic's set.
+    interest: Arc<Interest>,
     /// Round-robin cursor for spreading new connections over shards.
     next_shard: AtomicUsize,
     /// Source of connection ids; ids are never reused, so a stale message cannot hit a new
@@ -304,10 +157,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 config,
                 shards: senders,
-                interest: Interest {
-                    map: DashMap::new(),
-                    watcher,
-                },
+                interest: Arc::new(Interest::new(watcher)),
                 next_shard: AtomicUsize::new(0),
                 next_conn_id: AtomicU64::new(1),
                 published: Default::default(),
@@ -329,14 +179,19 @@ impl Engine {
         let shards = inboxes
             .into_iter()
             .enumerate()
-            .map(|(i, inbox)| tokio::spawn(Shard::new(i, Arc::clone(&engine.inner)).run(inbox)))
+            .map(|(i, inbox)| tokio::spawn(engine.shard(i).run(inbox)))
             .collect();
         (engine, shards)
     }
 
-    #[cfg(any(test, feature = "internals"))]
-    pub(crate) fn inner(&self) -> &Arc<Inner> {
-        &self.inner
+    /// Shard `index` of this engine, not yet running (`start` spawns them; tests and the
+    /// bench fixture drive one directly).
+    pub(crate) fn shard(&self, index: usize) -> Shard {
+        Shard::new(
+            index,
+            self.inner.config.clone(),
+            Arc::clone(&self.inner.interest),
+        )
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -570,52 +425,5 @@ impl Slot {
     /// A slot as a reservation on `shard` would return it.
     pub fn new(shard: usize, key: usize, id: u64) -> Self {
         Self { shard, key, id }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shard_set_round_trips() {
-        let mut s = ShardSet::default();
-        assert!(s.is_empty());
-        for i in [0, 63, 64, 255] {
-            s.insert(i);
-        }
-        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 63, 64, 255]);
-        s.remove(63);
-        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 64, 255]);
-    }
-
-    #[derive(Default)]
-    struct Log(std::sync::Mutex<Vec<String>>);
-
-    impl InterestWatcher for Log {
-        fn changed(&self, topic: &Topic) {
-            self.0
-                .lock()
-                .expect("no test thread panicked holding it")
-                .push(topic.to_string());
-        }
-    }
-
-    #[test]
-    fn the_watcher_hears_of_entries_created_and_removed_only() {
-        let log = Arc::new(Log::default());
-        let interest = Interest {
-            map: DashMap::new(),
-            watcher: Some(log.clone()),
-        };
-        let t = Topic::new("t").expect("a valid topic");
-        interest.join(&t, 0);
-        interest.join(&t, 1); // the entry exists: no notice
-        interest.leave(&t, 0); // shard 1 still has it
-        assert!(interest.contains(&t));
-        interest.leave(&t, 1);
-        assert!(!interest.contains(&t));
-        let seen = log.0.lock().expect("not poisoned").clone();
-        assert_eq!(seen, ["t", "t"]);
     }
 }

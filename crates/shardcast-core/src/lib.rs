@@ -4,7 +4,9 @@
 //!
 //! The components, in the order a message meets them:
 //! - `engine`: [`Engine`], the handle: the one local publish function, reservation of
-//!   connections, the [`Interest`] map (which shards have which topics), the drain, stats.
+//!   connections, the drain, stats.
+//! - `interest`: the [`Interest`] map (which shards have which topics) and its watcher.
+//! - `config`: [`EngineConfig`], what the engine needs of the server's settings.
 //! - `frame`: encodes each published frame once; close codes.
 //! - `shard`: hub shards that own clients, fan out, write, and run heartbeats.
 //! - `wheel`: the timer wheel each shard drives.
@@ -14,10 +16,12 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the invariants that hold these together.
 
+mod config;
 mod disconnect;
 mod engine;
 mod error;
 pub mod frame;
+mod interest;
 pub mod reader;
 mod shard;
 mod socket;
@@ -26,13 +30,14 @@ mod topic;
 pub mod units;
 mod wheel;
 
+pub use config::{EngineConfig, MAX_SHARDS};
 pub use disconnect::{DisconnectCounts, DisconnectReason};
-pub use engine::{
-    Engine, EngineConfig, Guard, Interest, InterestWatcher, MAX_SHARDS, Slot, Source, Stats,
-};
+pub use engine::{Engine, Slot, Source, Stats};
 pub use error::Error;
 pub use frame::Opcode;
+pub use interest::{Interest, InterestWatcher};
 pub use shard::ConnShared;
+pub use shard::Guard;
 pub use socket::Socket;
 pub use stats::{FANOUT_BOUNDS, Histogram, QUEUE_BOUNDS};
 pub use topic::{MAX_TOPIC_LEN, Topic, TopicError};

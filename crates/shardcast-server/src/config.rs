@@ -105,27 +105,6 @@ pub enum Demo {
     False,
 }
 
-/// A validated [`Config`] with its credentials and TLS files loaded ([`Config::prepare`]).
-pub struct Prepared {
-    pub(crate) config: Config,
-    pub(crate) auth: crate::auth::Auth,
-    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
-}
-
-impl Prepared {
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-}
-
-impl fmt::Debug for Prepared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Prepared")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
-}
-
 /// Log line format of the binary.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -538,23 +517,6 @@ pub fn default_shards() -> usize {
 }
 
 impl Config {
-    /// Validates the configuration and loads what it names: the JWT key is parsed and the
-    /// TLS certificate and key are read, once, here. The binary calls this before it serves
-    /// (and `shardcast config` to check), so a bad file is a configuration error (exit 2).
-    pub fn prepare(self) -> Result<Prepared, Error> {
-        self.validate()?;
-        let auth = crate::auth::Auth::new(&self.auth)?;
-        let tls = self.tls.as_ref().map(crate::tls::acceptor).transpose()?;
-        if let Some(bus) = &self.bus {
-            bus.check_files().map_err(Error::Config)?;
-        }
-        Ok(Prepared {
-            config: self,
-            auth,
-            tls,
-        })
-    }
-
     /// What the engine needs of this configuration.
     pub fn engine(&self) -> EngineConfig {
         EngineConfig {

@@ -28,6 +28,8 @@ mod error;
 pub mod handshake;
 mod http;
 pub mod metrics;
+mod prepare;
+mod process;
 mod reject;
 mod relay;
 mod server;
@@ -35,10 +37,12 @@ mod tls;
 
 pub use bus::{BusConfig, BusKind, BusStats, BusUrl};
 pub use config::{
-    AuthConfig, Config, Demo, JWT_KEY_SPELLINGS, JwtKey, LogFormat, MAX_DURATION, Prepared, Secret,
+    AuthConfig, Config, Demo, JWT_KEY_SPELLINGS, JwtKey, LogFormat, MAX_DURATION, Secret,
     TlsConfig, default_shards, jwt_spellings_in_force,
 };
 pub use error::Error;
+pub use prepare::Prepared;
+pub use process::Process;
 pub use reject::{RejectReason, RejectionCounts};
 pub use relay::{Relay, Stats};
 pub use server::{LISTEN_BACKLOG, Server, Stop, bind, run};

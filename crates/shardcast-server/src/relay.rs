@@ -65,7 +65,7 @@ pub struct Stats {
     /// `--max-connections`.
     pub max_connections: usize,
     /// The process's descriptors and memory; `None` where `/proc` cannot be read.
-    pub process: Option<crate::metrics::Process>,
+    pub process: Option<crate::process::Process>,
 }
 
 impl Deref for Stats {
@@ -260,7 +260,7 @@ impl Relay {
             bus: self.shared.bus.as_ref().map(|b| b.stats()),
             ready: !self.is_draining(),
             max_connections: self.shared.config.max_connections,
-            process: crate::metrics::Process::read(),
+            process: crate::process::Process::read(),
         }
     }
 

@@ -7,11 +7,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{ConnShared, Shard, ShardMsg, shard_handle};
 use crate::Topic;
+use crate::config::EngineConfig;
 use crate::frame;
+use crate::interest::Interest;
 
 /// One shard with `k` subscribers of one topic and no sockets, for measuring the in-process
 /// cost of fan-out (`benches/engine.rs`). Not part of the API (feature `internals`).
@@ -19,8 +21,6 @@ pub struct FanoutFixture {
     shard: Shard,
     topic: Topic,
     frame: Bytes,
-    /// Keeps the shard's inbox open; nothing reads it.
-    _inbox: Vec<mpsc::Receiver<ShardMsg>>,
     /// The reservations' answers, kept so the shard sees the handshakes as still waiting.
     _replies: Vec<oneshot::Receiver<usize>>,
 }
@@ -30,13 +30,13 @@ impl FanoutFixture {
     /// `payload` bytes between two [`FanoutFixture::drain`] calls.
     pub fn new(k: usize, payload: usize, burst: usize) -> Self {
         let frame = frame::encode(crate::Opcode::Binary, &vec![7u8; payload]);
-        let config = crate::EngineConfig {
+        let config = EngineConfig {
             shards: 1,
             send_queue_bytes: (frame.len() * burst).max(1 << 20),
-            ..crate::EngineConfig::default()
+            ..EngineConfig::default()
         };
-        let (engine, inbox) = crate::Engine::without_shards(config);
-        let mut shard = Shard::new(0, Arc::clone(engine.inner()));
+        // A shard alone: no engine, so no inbox and no watcher of its interest.
+        let mut shard = Shard::new(0, config, Arc::new(Interest::new(None)));
         let topic = Topic::new("bench").expect("a valid topic");
         let mut replies = Vec::with_capacity(k);
         for id in 0..k as u64 {
@@ -54,7 +54,6 @@ impl FanoutFixture {
             shard,
             topic,
             frame,
-            _inbox: inbox,
             _replies: replies,
         }
     }

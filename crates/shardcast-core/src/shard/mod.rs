@@ -42,7 +42,8 @@ pub use self::fixture::FanoutFixture;
 use self::lifecycle::{CLOSE_GRACE, Phase, closing_reason};
 use self::queue::Flush;
 use self::timers::{Drain, Timer, TimerKind};
-use crate::engine::{Guard, Inner};
+use crate::config::EngineConfig;
+use crate::interest::Interest;
 use crate::socket::Socket;
 use crate::stats::{FANOUT_BOUNDS, Histogram, QUEUE_BOUNDS};
 use crate::wheel::TimerWheel;
@@ -88,6 +89,10 @@ impl ConnShared {
         self.closing.store(true, Ordering::Release);
     }
 }
+
+/// Something the shard holds for a connection until it frees it, then drops: the server's
+/// admission (its share of the connection limits).
+pub type Guard = Box<dyn Send + 'static>;
 
 /// Messages a shard receives. Connection messages carry `(key, id)`; a message whose id does
 /// not match the client in that slot is stale and ignored.
@@ -196,7 +201,9 @@ type Waiter = Pin<Box<dyn Future<Output = (usize, u64)> + Send>>;
 
 pub(crate) struct Shard {
     index: usize,
-    engine: Arc<Inner>,
+    config: EngineConfig,
+    /// The node's interest map: this shard writes only its own bit (see `Interest`).
+    interest: Arc<Interest>,
     clients: Slab<Client>,
     /// Local subscribers of each topic (slab keys). Invariant: a topic has an entry iff the set
     /// is non-empty, iff this shard's bit is set in the engine's interest map.
@@ -226,8 +233,8 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
-    pub(crate) fn new(index: usize, engine: Arc<Inner>) -> Self {
-        let c = &engine.config;
+    pub(crate) fn new(index: usize, config: EngineConfig, interest: Arc<Interest>) -> Self {
+        let c = &config;
         let shortest = c
             .ping_interval
             .min(c.pong_timeout)
@@ -237,7 +244,8 @@ impl Shard {
         let budget = c.send_queue_bytes;
         Self {
             index,
-            engine,
+            config,
+            interest,
             clients: Slab::new(),
             topics: HashMap::new(),
             wheel: TimerWheel::new(1024),
@@ -408,7 +416,7 @@ impl Shard {
             }
             ShardMsg::Attach { key, id, stream } => {
                 let now = self.now_tick();
-                let ping_at = now + self.ticks(self.engine.config.ping_interval);
+                let ping_at = now + self.ticks(self.config.ping_interval);
                 let Some(c) = self.client_mut(key, id) else {
                     // Freed while the upgrade was finishing (shutdown, or a slow consumer
                     // before it had a socket). End the reader the upgrade is about to start.
@@ -562,7 +570,7 @@ impl Shard {
     /// Writes what the client has queued; parks a readiness future if the kernel is full.
     fn flush(&mut self, key: usize) {
         let now = self.now_tick();
-        let write_timeout = self.ticks(self.engine.config.write_timeout);
+        let write_timeout = self.ticks(self.config.write_timeout);
         let c = &mut self.clients[key];
         if c.stream.is_none() {
             return;
@@ -619,7 +627,7 @@ impl Shard {
     fn subscribe(&mut self, topic: &Topic, key: usize) {
         let subs = self.topics.entry(topic.clone()).or_default();
         if subs.is_empty() {
-            self.engine.interest.join(topic, self.index);
+            self.interest.join(topic, self.index);
         }
         subs.insert(key);
     }
@@ -631,7 +639,7 @@ impl Shard {
         subs.swap_remove(&key);
         if subs.is_empty() {
             self.topics.remove(topic);
-            self.engine.interest.leave(topic, self.index);
+            self.interest.leave(topic, self.index);
         }
     }
 }

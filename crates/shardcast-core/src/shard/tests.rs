@@ -75,7 +75,7 @@ impl Harness {
             shards: 1,
             ..config
         });
-        let shard = Shard::new(0, Arc::clone(engine.inner()));
+        let shard = engine.shard(0);
         Self {
             shard,
             engine,

@@ -57,7 +57,7 @@ impl Shard {
         let now = self.now_tick();
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.advance(now, &mut fired);
-        let c = &self.engine.config;
+        let c = &self.config;
         let (ping_every, pong_within, write_timeout) = (
             self.ticks(c.ping_interval),
             self.ticks(c.pong_timeout),

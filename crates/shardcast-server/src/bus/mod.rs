@@ -78,7 +78,7 @@ const PROBES_CAPACITY: usize = 1024;
 /// Longest a WebSocket handshake waits for its node's broker subscriptions.
 pub(crate) const SUBSCRIBE_WAIT: Duration = Duration::from_secs(1);
 
-/// The bus settings of a [`crate::Config`].
+/// The bus settings of the server's `Config`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusConfig {
     /// Which broker, and where.
