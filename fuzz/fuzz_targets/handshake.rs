@@ -101,6 +101,11 @@ fuzz_target!(|data: &[u8]| {
         };
         match handshake::route(uri.path()) {
             Route::Live | Route::Ready | Route::Metrics | Route::NotFound => {}
+            // Only the demo's own paths route there: `/`, `/index.html` and its two files.
+            Route::Demo(path) => {
+                assert!(["/", "/index.html", "/demo.css", "/demo.js"].contains(&path));
+                assert_eq!(path, uri.path());
+            }
             Route::Ws => match handshake::check_upgrade(&method, &uri, &headers, policy) {
                 Ok(u) => {
                     assert_eq!(method, Method::GET);
