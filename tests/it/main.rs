@@ -16,5 +16,6 @@ mod drain;
 mod lifecycle;
 mod loadgen;
 mod tls;
+mod tokens;
 mod top;
 mod violations;
