@@ -82,12 +82,31 @@ pub enum Denied {
     NotGranted,
 }
 
+/// A NumericDate as jsonwebtoken's validation reads it: whole seconds, or a fraction it
+/// rounds.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumericDate {
+    Whole(u64),
+    Fraction(f64),
+}
+
+impl NumericDate {
+    fn secs(&self) -> u64 {
+        match *self {
+            Self::Whole(n) => n,
+            // The validation has refused what is negative or not finite; `as` saturates.
+            Self::Fraction(f) => f.round() as u64,
+        }
+    }
+}
+
 /// The claims shardcast reads. `exp` is required by the validation (so it is here once a
 /// token passes it); `aud` and `iss` are checked by the validation; unknown claims are
 /// ignored.
 #[derive(Deserialize)]
 struct Claims {
-    exp: u64,
+    exp: NumericDate,
     #[serde(default)]
     subscribe: Vec<String>,
     #[serde(default)]
@@ -275,7 +294,7 @@ impl Auth {
         Ok(Grants {
             subscribe: patterns(data.claims.subscribe),
             publish: patterns(data.claims.publish),
-            exp: data.claims.exp,
+            exp: data.claims.exp.secs(),
         })
     }
 
@@ -564,6 +583,23 @@ mod tests {
         assert_eq!(auth.publisher(Some(&old), &t), Err(Denied::Expired));
         let no_exp = token(serde_json::json!({"publish": ["*"]}));
         assert_eq!(auth.publisher(Some(&no_exp), &t), Err(Denied::Invalid));
+        // A fractional `exp` is read as jsonwebtoken's validation reads it: rounded.
+        let frac = token(serde_json::json!({"exp": exp as f64 + 0.6, "subscribe": ["a"]}));
+        let grants = auth
+            .verify(&frac)
+            .expect("a fractional exp is a NumericDate");
+        assert_eq!(grants.exp, exp + 1);
+        let until = grants.valid_until().expect("representable");
+        let secs = until
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        assert_eq!(secs, exp + 1 + JWT_LEEWAY_SECS);
+        let far = Grants {
+            exp: u64::MAX,
+            ..Grants::default()
+        };
+        assert_eq!(far.valid_until(), None);
         // Without --jwt-audience, `aud` is not checked.
         let aud = token(serde_json::json!({"exp": exp, "aud": "billing", "publish": ["*"]}));
         assert_eq!(auth.publisher(Some(&aud), &t), Ok(()));
