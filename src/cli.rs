@@ -207,6 +207,10 @@ mod tests {
             client_publish_rate: None,
             auth: AuthConfig {
                 jwt: None,
+                jwt_audience: Vec::new(),
+                jwt_issuer: Vec::new(),
+                jwks_refresh: Duration::from_secs(300),
+                jwks_cooldown: Duration::from_secs(30),
                 api_keys: Vec::new(),
                 allowed_origins: Vec::new(),
             },

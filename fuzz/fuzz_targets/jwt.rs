@@ -6,7 +6,7 @@
 //!   which is checked here independently with `hmac`.
 //! - mode 1: the data is the claims JSON, signed here with the server's key. The grants of an
 //!   accepted token must equal the claims' `subscribe` and `publish` arrays, and `exp` must
-//!   be a number not in the past; simple claims (a future integer `exp`, string arrays),
+//!   be a number not in the past, read as the grants' `exp` (a fraction rounded); simple claims (a future integer `exp`, string arrays),
 //!   re-encoded, must be accepted.
 //! - mode 2: a valid signed token with one byte replaced at a data-chosen position: any token
 //!   that differs from the original must be refused.
@@ -103,8 +103,12 @@ fuzz_target!(|data: &[u8]| {
                 // Read the way jsonwebtoken reads them: serde skips unknown fields without
                 // checking their strings, so a strict parse of the whole payload may fail.
                 let m: Model = serde_json::from_slice(data).expect("accepted unreadable claims");
+                let whole = m.exp.as_ref().and_then(Value::as_u64);
                 let exp = m.exp.as_ref().and_then(Value::as_f64);
                 let exp = exp.expect("accepted a token without a numeric exp");
+                // The close time of the connection comes from it.
+                let read = whole.unwrap_or_else(|| exp.round() as u64);
+                assert_eq!(grants.exp, read, "exp read differently from the validation");
                 assert!(
                     exp + JWT_LEEWAY_SECS as f64 >= now() as f64,
                     "accepted an expired token"

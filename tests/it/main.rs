@@ -17,5 +17,6 @@ mod lifecycle;
 mod loadgen;
 mod netfault;
 mod tls;
+mod tokens;
 mod top;
 mod violations;

@@ -1,5 +1,5 @@
-//! Why clients leave, and the plain per-shard counters of it. A slow consumer or a pong
-//! timeout is an expected outcome recorded here, not an error.
+//! Why clients leave, and the plain per-shard counters of it. A slow consumer, a pong
+//! timeout or an expired token is an expected outcome recorded here, not an error.
 
 /// The reason a client was disconnected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -18,10 +18,12 @@ pub enum DisconnectReason {
     Shutdown,
     /// It published faster than `--client-publish-rate` (close 1008).
     RateLimited,
+    /// The expiry its reservation was given (a token's `exp`) passed (close 4010).
+    TokenExpired,
 }
 
 impl DisconnectReason {
-    pub const ALL: [DisconnectReason; 7] = [
+    pub const ALL: [DisconnectReason; 8] = [
         Self::ClientClose,
         Self::SlowConsumer,
         Self::PongTimeout,
@@ -29,6 +31,7 @@ impl DisconnectReason {
         Self::WriteTimeout,
         Self::Shutdown,
         Self::RateLimited,
+        Self::TokenExpired,
     ];
 
     /// The label used in logs (and the metrics of the operations work).
@@ -41,6 +44,7 @@ impl DisconnectReason {
             Self::WriteTimeout => "write_timeout",
             Self::Shutdown => "shutdown",
             Self::RateLimited => "rate_limited",
+            Self::TokenExpired => "token_expired",
         }
     }
 

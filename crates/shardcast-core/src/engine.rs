@@ -253,12 +253,16 @@ impl Engine {
     /// Places a new connection on a shard (round robin) under a fresh id and subscribes it
     /// to `topics` before returning, so every message published after this returns reaches
     /// it. Frames queue up until [`Engine::attach`] gives the shard the socket. `guard` is
-    /// dropped when the shard frees the client.
+    /// dropped when the shard frees the client. At `expires`, if given, the shard closes the
+    /// client with 4010 `token expired` (counted as [`DisconnectReason::TokenExpired`]),
+    /// within one tick of the shard's timer wheel; an instant already past closes it at the
+    /// next tick.
     pub async fn reserve(
         &self,
         topics: Box<[Topic]>,
         conn: Arc<ConnShared>,
         guard: Guard,
+        expires: Option<Instant>,
     ) -> Result<Slot, Error> {
         let inner = &self.inner;
         if self.is_draining() {
@@ -272,6 +276,7 @@ impl Engine {
             topics,
             conn,
             guard,
+            expires,
             reply,
         };
         self.send(shard, msg).await?;

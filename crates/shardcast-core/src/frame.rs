@@ -34,6 +34,8 @@ pub mod close_code {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The connection's expiry (its token's `exp`) has passed.
+    pub const TOKEN_EXPIRED: u16 = 4010;
     pub const PONG_TIMEOUT: u16 = 4012;
 }
 

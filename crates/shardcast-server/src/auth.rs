@@ -3,15 +3,20 @@
 //! This file decides *whether* a request may do something. Which HTTP status a refusal gets,
 //! and where the token comes from, is decided in `handshake.rs`.
 
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{AuthConfig, JwtKey};
+use crate::jwks::{Jwks, JwksStats, Key};
 use crate::{Error, Topic};
 
-/// Seconds of clock skew tolerated on `exp` and `nbf`.
+/// Seconds of clock skew tolerated on `exp` and `nbf`. An open connection is closed when its
+/// token would no longer be accepted by a new handshake: `exp` plus this.
 pub const JWT_LEEWAY_SECS: u64 = 30;
 
 /// A topic pattern from a token: an exact name, or a prefix ending in `*` (`prices.*`).
@@ -38,14 +43,23 @@ impl TopicPattern {
     }
 }
 
-/// What a verified token allows.
+/// What a verified token allows, and until when.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grants {
     pub subscribe: Box<[TopicPattern]>,
     pub publish: Box<[TopicPattern]>,
+    /// The token's `exp`, in seconds since the Unix epoch.
+    pub exp: u64,
 }
 
 impl Grants {
+    /// When the token stops being accepted: `exp` plus [`JWT_LEEWAY_SECS`]. `None` if that
+    /// is past what the clock can represent (the token never expires in practice).
+    pub fn valid_until(&self) -> Option<SystemTime> {
+        let secs = self.exp.checked_add(JWT_LEEWAY_SECS)?;
+        UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+    }
+
     pub fn can_subscribe(&self, topic: &Topic) -> bool {
         self.subscribe.iter().any(|p| p.matches(topic.as_str()))
     }
@@ -68,19 +82,43 @@ pub enum Denied {
     NotGranted,
 }
 
-/// The claims shardcast reads. `exp` is required by the validation; unknown claims are
+/// A NumericDate as jsonwebtoken's validation reads it: whole seconds, or a fraction it
+/// rounds.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumericDate {
+    Whole(u64),
+    Fraction(f64),
+}
+
+impl NumericDate {
+    fn secs(&self) -> u64 {
+        match *self {
+            Self::Whole(n) => n,
+            // The validation has refused what is negative or not finite; `as` saturates.
+            Self::Fraction(f) => f.round() as u64,
+        }
+    }
+}
+
+/// The claims shardcast reads. `exp` is required by the validation (so it is here once a
+/// token passes it); `aud` and `iss` are checked by the validation; unknown claims are
 /// ignored.
 #[derive(Deserialize)]
 struct Claims {
+    exp: NumericDate,
     #[serde(default)]
     subscribe: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
 }
 
-struct Jwt {
-    key: DecodingKey,
-    validation: Validation,
+/// Where the keys that verify tokens come from.
+enum Jwt {
+    /// One key from the configuration (boxed: a `Validation` is large, an `Arc` is not).
+    Fixed(Box<Key>),
+    /// Keys from a JWKS endpoint, chosen by the token's `kid`.
+    Jwks(Arc<Jwks>),
 }
 
 /// A `/ws` request's access once its credential is checked.
@@ -93,6 +131,14 @@ pub enum Access {
 }
 
 impl Access {
+    /// When the access ends (the token's [`Grants::valid_until`]); `None`: never.
+    pub fn valid_until(&self) -> Option<SystemTime> {
+        match self {
+            Self::Open => None,
+            Self::Granted(g) => g.valid_until(),
+        }
+    }
+
     pub fn can_subscribe(&self, topic: &Topic) -> bool {
         match self {
             Self::Open => true,
@@ -138,7 +184,23 @@ impl std::fmt::Debug for Auth {
 impl Auth {
     /// Parses keys and origin patterns; a bad one is a configuration error naming its flag.
     pub fn new(config: &AuthConfig) -> Result<Self, Error> {
-        let jwt = config.jwt.as_ref().map(jwt_from).transpose()?;
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(|key| jwt_from(key, config))
+            .transpose()?;
+        if jwt.is_none() {
+            for (flag, set) in [
+                ("--jwt-audience", &config.jwt_audience),
+                ("--jwt-issuer", &config.jwt_issuer),
+            ] {
+                if !set.is_empty() {
+                    return Err(Error::Config(format!(
+                        "{flag} needs a JWT key (--jwt-secret, --jwt-public-key or --jwt-jwks-url)"
+                    )));
+                }
+            }
+        }
         if config.api_keys.iter().any(|k| k.expose().is_empty()) {
             return Err(Error::Config("--api-key must not be empty".into()));
         }
@@ -158,6 +220,41 @@ impl Auth {
         })
     }
 
+    /// With `--jwt-jwks-url`: the first fetch of the key set, which must succeed, then its
+    /// periodic refresh in a task of its own. Without: nothing.
+    pub async fn start(&self) -> Result<(), Error> {
+        match &self.jwt {
+            Some(Jwt::Jwks(jwks)) => jwks.start().await.map_err(|reason| Error::Jwks {
+                url: jwks.url().to_string(),
+                reason,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The JWKS fetch counters (`None` without `--jwt-jwks-url`).
+    pub fn jwks_stats(&self) -> Option<JwksStats> {
+        match &self.jwt {
+            Some(Jwt::Jwks(jwks)) => Some(jwks.stats()),
+            _ => None,
+        }
+    }
+
+    /// Before a request's token is checked: with `--jwt-jwks-url`, a token whose `kid` the
+    /// key set lacks refetches the set (at most once per `--jwt-jwks-cooldown`), so a key
+    /// the issuer has just rotated in is known by the time [`Auth::verify`] runs.
+    pub async fn await_key(&self, token: Option<&str>) {
+        let (Some(Jwt::Jwks(jwks)), Some(token)) = (&self.jwt, token) else {
+            return;
+        };
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return; // `verify` refuses it
+        };
+        if let Some(kid) = header.kid.as_deref() {
+            jwks.refresh_for(kid).await;
+        }
+    }
+
     /// Whether a WebSocket needs a token.
     pub fn requires_token(&self) -> bool {
         self.jwt.is_some()
@@ -168,23 +265,36 @@ impl Auth {
         self.jwt.is_some() || !self.api_keys.is_empty()
     }
 
-    /// Verifies a JWT: signature, algorithm, `exp` (required) and `nbf`.
+    /// Verifies a JWT: signature, algorithm, `exp` (required), `nbf`, and `aud` and `iss`
+    /// when `--jwt-audience` and `--jwt-issuer` are set. With `--jwt-jwks-url`, the key is
+    /// the one of the token's `kid` in the set in force (the only key, for a token without a
+    /// `kid`); this never fetches (see [`Auth::await_key`]).
     pub fn verify(&self, token: &str) -> Result<Grants, Denied> {
-        let Some(jwt) = &self.jwt else {
-            return Err(Denied::Invalid);
+        let decoded = match &self.jwt {
+            None => return Err(Denied::Invalid),
+            Some(Jwt::Fixed(k)) => jsonwebtoken::decode::<Claims>(token, &k.key, &k.validation),
+            Some(Jwt::Jwks(jwks)) => {
+                let header = jsonwebtoken::decode_header(token).map_err(|_| Denied::Invalid)?;
+                let keys = jwks.keys();
+                let Some(k) = keys.find(header.kid.as_deref()) else {
+                    tracing::debug!(kid = header.kid.as_deref(), "JWT key id not in the JWKS");
+                    return Err(Denied::Invalid);
+                };
+                jsonwebtoken::decode::<Claims>(token, &k.key, &k.validation)
+            }
         };
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &jwt.key, &jwt.validation).map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind;
-                match e.kind() {
-                    ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature => Denied::Expired,
-                    _ => Denied::Invalid,
-                }
-            })?;
+        let data = decoded.map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature => Denied::Expired,
+                _ => Denied::Invalid,
+            }
+        })?;
         let patterns = |v: Vec<String>| v.iter().map(|p| TopicPattern::parse(p)).collect();
         Ok(Grants {
             subscribe: patterns(data.claims.subscribe),
             publish: patterns(data.claims.publish),
+            exp: data.claims.exp.secs(),
         })
     }
 
@@ -246,7 +356,31 @@ impl Auth {
     }
 }
 
-fn jwt_from(key: &JwtKey) -> Result<Jwt, Error> {
+/// The checks every token gets whatever its key: leeway, `nbf`, and the audience and issuer
+/// of the configuration.
+fn validation(alg: Algorithm, audience: &[String], issuer: &[String]) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.leeway = JWT_LEEWAY_SECS;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    // RFC 7519 §4.1.3 asks a recipient that does not identify itself with an audience to
+    // refuse tokens that have one; without --jwt-audience shardcast has no audience to be,
+    // so it reads `aud` as none of its business, as most resource servers do.
+    validation.validate_aud = !audience.is_empty();
+    if !audience.is_empty() {
+        validation.set_audience(audience);
+        required.push("aud");
+    }
+    if !issuer.is_empty() {
+        validation.set_issuer(issuer);
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+fn jwt_from(key: &JwtKey, config: &AuthConfig) -> Result<Jwt, Error> {
+    let (audience, issuer) = (config.jwt_audience.clone(), config.jwt_issuer.clone());
     let (key, alg) = match key {
         JwtKey::Hs256(secret) => {
             if secret.expose().is_empty() {
@@ -265,11 +399,19 @@ fn jwt_from(key: &JwtKey) -> Result<Jwt, Error> {
                 ));
             }
         }
+        JwtKey::Jwks(url) => {
+            let jwks = Jwks::new(
+                url.clone(),
+                config.jwks_refresh,
+                config.jwks_cooldown,
+                move |alg| validation(alg, &audience, &issuer),
+            )
+            .map_err(|e| Error::Config(format!("--jwt-jwks-url {url}: {e}")))?;
+            return Ok(Jwt::Jwks(Arc::new(jwks)));
+        }
     };
-    let mut validation = Validation::new(alg);
-    validation.leeway = JWT_LEEWAY_SECS;
-    validation.validate_nbf = true;
-    Ok(Jwt { key, validation })
+    let validation = validation(alg, &audience, &issuer);
+    Ok(Jwt::Fixed(Box::new(Key { key, validation })))
 }
 
 /// An allowed origin: `scheme://host[:port]`, where the host may start with `*.` to allow
@@ -441,8 +583,25 @@ mod tests {
         assert_eq!(auth.publisher(Some(&old), &t), Err(Denied::Expired));
         let no_exp = token(serde_json::json!({"publish": ["*"]}));
         assert_eq!(auth.publisher(Some(&no_exp), &t), Err(Denied::Invalid));
-        // There is no audience setting, so a token meant for some audience is not for us.
+        // A fractional `exp` is read as jsonwebtoken's validation reads it: rounded.
+        let frac = token(serde_json::json!({"exp": exp as f64 + 0.6, "subscribe": ["a"]}));
+        let grants = auth
+            .verify(&frac)
+            .expect("a fractional exp is a NumericDate");
+        assert_eq!(grants.exp, exp + 1);
+        let until = grants.valid_until().expect("representable");
+        let secs = until
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        assert_eq!(secs, exp + 1 + JWT_LEEWAY_SECS);
+        let far = Grants {
+            exp: u64::MAX,
+            ..Grants::default()
+        };
+        assert_eq!(far.valid_until(), None);
+        // Without --jwt-audience, `aud` is not checked.
         let aud = token(serde_json::json!({"exp": exp, "aud": "billing", "publish": ["*"]}));
-        assert_eq!(auth.publisher(Some(&aud), &t), Err(Denied::Invalid));
+        assert_eq!(auth.publisher(Some(&aud), &t), Ok(()));
     }
 }

@@ -23,6 +23,7 @@ use shardcast_core::{EngineConfig, MAX_SHARDS};
 
 use crate::Error;
 use crate::bus::{BusConfig, BusUrl};
+use crate::jwks::JwksUrl;
 
 /// Everything `run` needs: the settings of `shardcast serve`. Build it with
 /// [`Config::default`] (the declared defaults, no variable read) and adjust, or from the
@@ -125,16 +126,46 @@ impl LogFormat {
 }
 
 /// Credentials and origin rules. The default is open: anyone may subscribe and publish.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthConfig {
     /// Verifies the JWTs that grant subscribe and publish rights. With it, every WebSocket
     /// needs a token.
     pub jwt: Option<JwtKey>,
+    /// Audiences a token's `aud` must name one of (`--jwt-audience`). Empty: `aud` is not
+    /// checked.
+    pub jwt_audience: Vec<String>,
+    /// Issuers a token's `iss` must be one of (`--jwt-issuer`). Empty: `iss` is not checked.
+    pub jwt_issuer: Vec<String>,
+    /// How often the JWKS is fetched again (`--jwt-jwks-refresh`).
+    pub jwks_refresh: Duration,
+    /// Least time between a fetch of the JWKS and one caused by an unknown `kid`
+    /// (`--jwt-jwks-cooldown`).
+    pub jwks_cooldown: Duration,
     /// Bearer keys that may `POST /publish` to any topic.
     pub api_keys: Vec<Secret>,
     /// Browser origins allowed to open a WebSocket: exact (`https://app.example.com`) or a
     /// subdomain wildcard (`https://*.example.com`). Empty: any origin.
     pub allowed_origins: Vec<String>,
+}
+
+/// `--jwt-jwks-refresh`'s default.
+pub const JWKS_REFRESH: Duration = Duration::from_secs(300);
+/// `--jwt-jwks-cooldown`'s default.
+pub const JWKS_COOLDOWN: Duration = Duration::from_secs(30);
+
+impl Default for AuthConfig {
+    /// Open, with the declared defaults of the JWKS timings.
+    fn default() -> Self {
+        Self {
+            jwt: None,
+            jwt_audience: Vec::new(),
+            jwt_issuer: Vec::new(),
+            jwks_refresh: JWKS_REFRESH,
+            jwks_cooldown: JWKS_COOLDOWN,
+            api_keys: Vec::new(),
+            allowed_origins: Vec::new(),
+        }
+    }
 }
 
 impl AuthConfig {
@@ -164,6 +195,8 @@ pub enum JwtKey {
     Hs256(Secret),
     /// A PEM public key: RSA keys check RS256, EC P-256 keys check ES256.
     PublicKeyPem(Vec<u8>),
+    /// The keys of a JWKS endpoint, by `kid`, fetched at start and refreshed.
+    Jwks(JwksUrl),
 }
 
 impl fmt::Debug for JwtKey {
@@ -171,6 +204,7 @@ impl fmt::Debug for JwtKey {
         match self {
             Self::Hs256(s) => f.debug_tuple("Hs256").field(s).finish(),
             Self::PublicKeyPem(pem) => write!(f, "PublicKeyPem(<{} bytes>)", pem.len()),
+            Self::Jwks(url) => f.debug_tuple("Jwks").field(url).finish(),
         }
     }
 }
@@ -226,6 +260,21 @@ struct AuthArgs {
     /// PEM public key that verifies client JWTs: RSA for RS256, EC P-256 for ES256.
     #[arg(long, env = "SHARDCAST_JWT_PUBLIC_KEY")]
     jwt_public_key: Option<PathBuf>,
+    /// JWKS endpoint (http:// or https://) whose keys verify client JWTs by kid; fetched at start (which fails without it) and refreshed.
+    #[arg(long, env = "SHARDCAST_JWT_JWKS_URL")]
+    jwt_jwks_url: Option<JwksUrl>,
+    /// How often the JWKS is fetched again; a failed fetch keeps the last good keys.
+    #[arg(long, env = "SHARDCAST_JWT_JWKS_REFRESH", default_value = "5m", value_parser = positive_duration)]
+    jwt_jwks_refresh: Duration,
+    /// A token with a kid the JWKS lacks refetches it, unless a fetch began less than this ago.
+    #[arg(long, env = "SHARDCAST_JWT_JWKS_COOLDOWN", default_value = "30s", value_parser = positive_duration)]
+    jwt_jwks_cooldown: Duration,
+    /// Audience a token's aud must name (repeatable: any of them) [default: aud not checked].
+    #[arg(long, env = "SHARDCAST_JWT_AUDIENCE", value_delimiter = ',')]
+    jwt_audience: Vec<String>,
+    /// Issuer a token's iss must be (repeatable: any of them) [default: iss not checked].
+    #[arg(long, env = "SHARDCAST_JWT_ISSUER", value_delimiter = ',')]
+    jwt_issuer: Vec<String>,
     /// Bearer key that may POST /publish to any topic (repeatable; comma-separated in the variable).
     #[arg(
         long,
@@ -242,9 +291,14 @@ struct AuthArgs {
     allowed_origin: Vec<String>,
 }
 
-/// The ids of the JWT key's three spellings (`--jwt-secret`, `--jwt-secret-file`,
-/// `--jwt-public-key`), one setting.
-pub const JWT_KEY_SPELLINGS: [&str; 3] = ["jwt_secret", "jwt_secret_file", "jwt_public_key"];
+/// The ids of the JWT key's four spellings (`--jwt-secret`, `--jwt-secret-file`,
+/// `--jwt-public-key`, `--jwt-jwks-url`), one setting.
+pub const JWT_KEY_SPELLINGS: [&str; 4] = [
+    "jwt_secret",
+    "jwt_secret_file",
+    "jwt_public_key",
+    "jwt_jwks_url",
+];
 
 /// The JWT spellings that count in `matches`: those given by the strongest source present
 /// (a flag, else a variable, else the file or a default). So a flag of one spelling replaces a
@@ -304,6 +358,7 @@ impl AuthConfig {
                 });
                 secret.transpose()?
             }
+            Some("jwt_jwks_url") => args.jwt_jwks_url.take().map(JwtKey::Jwks),
             Some(_) => {
                 let pem = args.jwt_public_key.as_deref();
                 let pem = pem.map(|path| read_file("--jwt-public-key", path));
@@ -327,6 +382,10 @@ impl AuthConfig {
         }
         Ok(Self {
             jwt,
+            jwt_audience: args.jwt_audience,
+            jwt_issuer: args.jwt_issuer,
+            jwks_refresh: args.jwt_jwks_refresh,
+            jwks_cooldown: args.jwt_jwks_cooldown,
             api_keys,
             allowed_origins: args.allowed_origin,
         })

@@ -21,6 +21,9 @@ pub enum Error {
     MessageTooLarge { size: usize, max: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The first fetch of `--jwt-jwks-url` failed: the server does not start without keys.
+    #[error("--jwt-jwks-url {url}: the first fetch failed: {reason}")]
+    Jwks { url: String, reason: String },
 }
 
 impl From<shardcast_core::Error> for Error {

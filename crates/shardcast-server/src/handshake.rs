@@ -6,6 +6,7 @@
 //! `http.rs`.
 
 use std::borrow::Cow;
+use std::time::SystemTime;
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode, Uri};
@@ -135,6 +136,9 @@ pub enum Publish {
 pub struct Upgrade {
     pub topics: Box<[Topic]>,
     pub publish: Publish,
+    /// When the token stops being valid: the connection is closed with 4010 then. `None`
+    /// without a token.
+    pub valid_until: Option<SystemTime>,
 }
 
 /// Settings the checks need.
@@ -269,7 +273,11 @@ pub fn check_upgrade(
         }
         p => p,
     };
-    Ok(Upgrade { topics, publish })
+    Ok(Upgrade {
+        topics,
+        publish,
+        valid_until: access.valid_until(),
+    })
 }
 
 /// An accepted `POST /publish/{topic}` request, before its body is read.

@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -142,9 +143,28 @@ async fn metrics(relay: &Relay) -> Response<Body> {
     res
 }
 
+/// With `--jwt-jwks-url`, fetches the JWKS again if the request's token names a key it
+/// lacks (rate-limited), so the checks that follow know a key rotated in since.
+async fn await_key(req: &Request<Incoming>, relay: &Relay) {
+    let token = handshake::token(req.uri(), req.headers());
+    relay.auth().await_key(token.as_deref()).await;
+}
+
+/// The instant of the runtime's clock at which `at` (wall clock) comes; `None` if it is too
+/// far away to represent.
+fn instant_of(at: SystemTime) -> Option<tokio::time::Instant> {
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::Instant::now().checked_add(left)
+}
+
 async fn upgrade(mut req: Request<Incoming>, relay: Relay, peer: SocketAddr) -> Response<Body> {
+    await_key(&req, &relay).await;
     let checked = handshake::check_upgrade(req.method(), req.uri(), req.headers(), policy(&relay));
-    let handshake::Upgrade { topics, publish } = match checked {
+    let handshake::Upgrade {
+        topics,
+        publish,
+        valid_until,
+    } = match checked {
         Ok(u) => u,
         Err(r) => return refuse(&relay, peer, r),
     };
@@ -176,7 +196,11 @@ async fn upgrade(mut req: Request<Incoming>, relay: Relay, peer: SocketAddr) -> 
         }
     };
     let conn = Arc::new(ConnShared::default());
-    let slot = match relay.reserve(topics, Arc::clone(&conn), admission).await {
+    let expires = valid_until.and_then(instant_of);
+    let slot = match relay
+        .reserve(topics, Arc::clone(&conn), admission, expires)
+        .await
+    {
         Ok(slot) => slot,
         Err(_) => return refuse(&relay, peer, shutting_down()),
     };
@@ -191,6 +215,7 @@ async fn publish(
     relay: Relay,
     peer: SocketAddr,
 ) -> Response<Body> {
+    await_key(&req, &relay).await;
     let checked = handshake::check_publish(
         req.method(),
         req.uri(),

@@ -7,7 +7,8 @@
 //! - `server`: the accept loop and the lifecycle ([`run`], [`Server`]).
 //! - `tls`: optional TLS termination in front of everything else.
 //! - `handshake`: routing and every request check, pure and fuzzable; `reject` counts refusals.
-//! - `auth`: JWT, API keys and the origin allowlist that `handshake` consults.
+//! - `auth`: JWT, API keys and the origin allowlist that `handshake` consults; `jwks` keeps
+//!   the keys of `--jwt-jwks-url`.
 //! - `http`: admission against the connection limits, the upgrade, `POST /publish/{topic}`.
 //! - `conn`: a connection's reader task (the parser is the engine's `FrameReader`).
 //! - `relay`: [`Relay`], the publish function (engine, then bus), admission and stats.
@@ -27,6 +28,7 @@ mod demo;
 mod error;
 pub mod handshake;
 mod http;
+mod jwks;
 pub mod metrics;
 mod prepare;
 mod process;
@@ -41,6 +43,7 @@ pub use config::{
     TlsConfig, default_shards, jwt_spellings_in_force,
 };
 pub use error::Error;
+pub use jwks::{JwksStats, JwksUrl};
 pub use prepare::Prepared;
 pub use process::Process;
 pub use reject::{RejectReason, RejectionCounts};

@@ -218,8 +218,32 @@ impl Collector for Snapshot {
         if let Some(bus) = &s.bus {
             encode_bus(&mut enc, bus)?;
         }
+        if let Some(jwks) = &s.jwks {
+            encode_jwks(&mut enc, jwks)?;
+        }
         Ok(())
     }
+}
+
+/// The `shardcast_jwks_*` series, present only with `--jwt-jwks-url`.
+fn encode_jwks(enc: &mut DescriptorEncoder, j: &crate::JwksStats) -> std::fmt::Result {
+    {
+        let mut m = enc.encode_descriptor(
+            "jwks_fetches",
+            "Fetches of the JWKS, by result (error: the last good keys stayed in force)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in [("ok", j.fetched), ("error", j.failed)] {
+            ConstCounter::new(n).encode(m.encode_family(&[("result", result)])?)?;
+        }
+    }
+    gauge(
+        enc,
+        "jwks_keys",
+        "Signing keys of the JWKS in force",
+        j.keys as i64,
+    )
 }
 
 /// The `shardcast_bus_*` series, present only on a node started with `--bus`.
@@ -316,9 +340,10 @@ mod tests {
             "write_timeout",
             "shutdown",
             "rate_limited",
+            "token_expired",
         ];
         assert_eq!(DisconnectReason::ALL.len(), reasons.len());
-        // A distinct count per reason (1 to 7), so a label on the wrong value shows.
+        // A distinct count per reason (1 to 8), so a label on the wrong value shows.
         for (i, why) in DisconnectReason::ALL.into_iter().enumerate() {
             for _ in 0..=i {
                 stats.engine.disconnects.record(why);

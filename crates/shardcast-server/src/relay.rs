@@ -66,6 +66,8 @@ pub struct Stats {
     pub max_connections: usize,
     /// The process's descriptors and memory; `None` where `/proc` cannot be read.
     pub process: Option<crate::process::Process>,
+    /// The JWKS fetches; `None` without `--jwt-jwks-url`.
+    pub jwks: Option<crate::JwksStats>,
 }
 
 impl Deref for Stats {
@@ -229,19 +231,21 @@ impl Relay {
     /// Places a new connection on a shard and subscribes it to `topics` before returning, so
     /// every message published after the handshake response reaches it. With a bus, that
     /// includes messages published on other nodes: it also waits (at most a second) for the
-    /// node's broker subscriptions.
+    /// node's broker subscriptions. At `expires` (its token's end) the shard closes the
+    /// connection with 4010.
     pub(crate) async fn reserve(
         &self,
         topics: Box<[Topic]>,
         conn: Arc<ConnShared>,
         admission: Admission,
+        expires: Option<tokio::time::Instant>,
     ) -> Result<Slot, Error> {
         // With a bus, the topics are needed again after the shard has them (see below).
         let bus_topics = self.shared.bus.as_ref().map(|_| topics.clone());
         let slot = self
             .shared
             .engine
-            .reserve(topics, conn, Box::new(admission))
+            .reserve(topics, conn, Box::new(admission), expires)
             .await?;
         if let (Some(bus), Some(topics)) = (&self.shared.bus, bus_topics) {
             // Hold the 101 until the node is subscribed on the broker (a few ms for a topic
@@ -261,6 +265,7 @@ impl Relay {
             ready: !self.is_draining(),
             max_connections: self.shared.config.max_connections,
             process: crate::process::Process::read(),
+            jwks: self.shared.auth.jwks_stats(),
         }
     }
 

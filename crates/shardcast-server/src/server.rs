@@ -130,6 +130,11 @@ impl Server {
             metrics,
             bus,
         } = self;
+        // Nothing is served before the JWKS (if any) has keys: tokens could not be checked.
+        if let Err(e) = relay.auth().start().await {
+            relay.engine().shutdown_now().await;
+            return Err(e);
+        }
         let accept = futures_util::future::join(
             accept_loop(listener, relay.clone(), tls, Endpoint::Main),
             async {

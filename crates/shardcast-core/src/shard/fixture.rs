@@ -47,6 +47,7 @@ impl FanoutFixture {
                 topics: Box::new([topic.clone()]),
                 conn: Arc::new(ConnShared::default()),
                 guard: Box::new(()),
+                expires: None,
                 reply,
             });
         }

@@ -108,6 +108,8 @@ pub enum ShardMsg {
         topics: Box<[Topic]>,
         conn: Arc<ConnShared>,
         guard: Guard,
+        /// When to close the client with 4010 (its token's expiry); `None`: never.
+        expires: Option<Instant>,
         reply: oneshot::Sender<usize>,
     },
     Attach {
@@ -383,6 +385,7 @@ impl Shard {
                 topics,
                 conn,
                 guard,
+                expires,
                 reply,
             } => {
                 if self.draining {
@@ -408,6 +411,12 @@ impl Shard {
                 self.opened += 1;
                 for topic in topics.iter() {
                     self.subscribe(topic, key);
+                }
+                if let Some(at) = expires {
+                    // Kept in the wheel, not in `Client`: most clients never need it.
+                    let kind = TimerKind::Expiry;
+                    self.wheel
+                        .schedule(self.tick_of(at), Timer { key, id, kind });
                 }
                 if reply.send(key).is_err() {
                     // The handshake was abandoned before it finished.

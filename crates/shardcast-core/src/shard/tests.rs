@@ -95,6 +95,11 @@ impl Harness {
     /// Reserves a client for the test topic and attaches a socket to it. `small` gives the
     /// socket a small kernel buffer, so it fills once the client stops reading.
     async fn connect(&mut self, small: bool) -> Peer {
+        self.connect_until(small, None).await
+    }
+
+    /// `connect`, with an expiry: the shard closes the client with 4010 at `expires`.
+    async fn connect_until(&mut self, small: bool, expires: Option<Instant>) -> Peer {
         let id = self.next_id;
         self.next_id += 1;
         let conn = Arc::new(ConnShared::default());
@@ -105,6 +110,7 @@ impl Harness {
             topics: Box::new([self.topic.clone()]),
             conn: Arc::clone(&conn),
             guard: Box::new(Arc::clone(&admission)),
+            expires,
             reply,
         });
         let key = answer
@@ -511,6 +517,7 @@ async fn drain_closes_clients_at_an_even_pace_with_1001_after_their_backlog() {
         topics: Box::new([h.topic.clone()]),
         conn: Arc::default(),
         guard: Box::new(()),
+        expires: None,
         reply,
     });
     assert!(answer.try_recv().is_err());
@@ -635,4 +642,34 @@ async fn a_drained_queue_keeps_its_slots_only_while_they_are_used() {
     c.push(frame.clone());
     assert!(matches!(c.write_some(&mut sent), Ok(super::Flush::Drained)));
     assert_eq!(c.queue.capacity(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expiry_closes_its_client_with_4010_after_its_backlog_and_no_other() {
+    let mut h = Harness::new(EngineConfig::default()); // pings every 20 s: none in this test
+    let at = Instant::now() + Duration::from_secs(5);
+    let mut expiring = h.connect_until(false, Some(at)).await;
+    let mut other = h.connect(false).await;
+    h.publish_batch(3);
+    h.tick_after(Duration::from_millis(4_900)).await;
+    assert!(!expiring.conn.is_closing(), "closed before its expiry");
+    assert_eq!(h.stats().disconnects.total(), 0);
+    // The wheel's tick is 100 ms with these settings: the close starts within one of `at`.
+    h.tick_after(Duration::from_millis(200)).await;
+    assert!(expiring.conn.is_closing());
+    assert_eq!(h.stats().disconnects.get(DisconnectReason::TokenExpired), 1);
+    assert_eq!(
+        h.read_to_end(&mut expiring).await,
+        data_then_close(3, close_code::TOKEN_EXPIRED)
+    );
+    h.handle(expiring.gone());
+    assert!(h.is_freed(&expiring) && expiring.admission_returned());
+    // The other client is untouched: still subscribed, still getting frames.
+    h.publish();
+    h.pump().await;
+    assert_eq!(other.take(), (0..4).map(Frame::Data).collect::<Vec<_>>());
+    assert!(!other.conn.is_closing());
+    let stats = h.stats();
+    assert_eq!(stats.disconnects.total(), 1);
+    assert_eq!(stats.connections, 1);
 }

@@ -1,5 +1,5 @@
 //! Time in a shard: the tick clock, the timer entries of its wheel (ping, pong deadline, write
-//! check, close deadline) and what each does when it fires (`on_tick`), and the end of the
+//! check, close deadline, expiry) and what each does when it fires (`on_tick`), and the end of the
 //! shard's life: the paced drain (`drain_step`) and the immediate shutdown.
 //!
 //! What does not live here: the wheel itself (`crate::wheel`), how a close proceeds once
@@ -25,6 +25,8 @@ pub(super) enum TimerKind {
     WriteCheck,
     /// A close has had its time; free the client.
     CloseDeadline,
+    /// The expiry the client was reserved with (its token's) has come: close it with 4010.
+    Expiry,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +52,14 @@ impl Shard {
     }
 
     pub(super) fn ticks(&self, d: Duration) -> u64 {
-        (d.as_nanos().div_ceil(self.tick.as_nanos().max(1))) as u64
+        let n = d.as_nanos().div_ceil(self.tick.as_nanos().max(1));
+        // Only an expiry centuries away gets near this: it then never fires.
+        u64::try_from(n).unwrap_or(u64::MAX)
+    }
+
+    /// The first tick at or after `at`.
+    pub(super) fn tick_of(&self, at: Instant) -> u64 {
+        self.ticks(at.saturating_duration_since(self.start))
     }
 
     pub(super) fn on_tick(&mut self) {
@@ -121,6 +130,16 @@ impl Shard {
                 TimerKind::CloseDeadline => {
                     let why = closing_reason(c);
                     self.finalize(key, why);
+                }
+                TimerKind::Expiry if open => {
+                    tracing::debug!(shard = self.index, key, "token expired");
+                    self.begin_close(
+                        key,
+                        close_code::TOKEN_EXPIRED,
+                        "token expired",
+                        DisconnectReason::TokenExpired,
+                        CLOSE_GRACE,
+                    );
                 }
                 _ => {}
             }
