@@ -392,22 +392,26 @@ async fn latency_run(net: &Net, redis: &NsRedis, url: &str) -> Run {
         (0..N).collect::<Vec<_>>(),
         "A's own client: not exactly once"
     );
-    // Across the bus: never twice, never out of order, and every message B missed counted
-    // as dropped by A. That none is missed (no session given up at this delay and loss) is
-    // not asserted: A sometimes detects a stall here (see docs/cluster.md, "Failure tests").
-    assert!(reordered(&got_b).is_empty(), "B: out of order");
-    let missed = N - got_b.len();
-    println!("delay+loss: {url}: B missed {missed} of {N}; A {ca:?}; B {cb:?}");
+    // Across the bus: B gets every message exactly once, in order, and neither node loses
+    // its session. TCP retransmits what the loss rule drops (200 ms at most per loss here);
+    // a stall takes a probe 2 s late.
     assert_eq!(
-        missed as f64,
-        ca.dropped_disconnected + ca.dropped_full,
-        "B's losses uncounted: {ca:?}"
+        numbers(&got_b),
+        (0..N).collect::<Vec<_>>(),
+        "B: not exactly once, in order (A {ca:?}, B {cb:?})"
     );
-    assert_eq!(
-        (cb.reconnects, cb.stalls),
-        (0.0, 0.0),
-        "B lost its session: {cb:?}"
-    );
+    for (node, c) in [("A", &ca), ("B", &cb)] {
+        assert_eq!(
+            (
+                c.reconnects,
+                c.stalls,
+                c.dropped_disconnected,
+                c.dropped_full
+            ),
+            (0.0, 0.0, 0.0, 0.0),
+            "{node} lost its session or dropped: {c:?}"
+        );
+    }
     let mut probe = 0.0;
     let text = b.metrics().await;
     let count = netns_metric(&text, "shardcast_bus_round_trip_seconds_count");

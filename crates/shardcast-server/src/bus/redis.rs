@@ -120,7 +120,14 @@ impl Session {
 
     pub(super) async fn subscribe(&mut self, channels: Vec<String>) -> Result<(), String> {
         if !self.cluster {
-            return self.subscriber.subscribe(channels).await.map_err(reason);
+            self.subscriber.subscribe(channels).await.map_err(reason)?;
+            // fred resolves SUBSCRIBE once it is written, not once Redis has it: its replies
+            // come out of band. Redis answers a connection's commands in order, so the PING's
+            // reply means the subscriptions are in effect. Without it, the first probe (on the
+            // publisher connection) can reach Redis before the SUBSCRIBE, be lost and be taken
+            // for a stall; a handshake waiting for its topic's subscription could likewise
+            // go on before that subscription is live.
+            return self.confirm().await;
         }
         // SSUBSCRIBE takes channels of one slot per call: one call per slot, all in flight
         // at once.
@@ -128,6 +135,16 @@ impl Session {
             .into_values()
             .map(|group| self.subscriber.ssubscribe(group));
         futures_util::future::try_join_all(calls)
+            .await
+            .map(drop)
+            .map_err(reason)
+    }
+
+    /// Waits until Redis has processed every command written before on the subscriber
+    /// connection. In RESP2 pub/sub mode, Redis answers PING with `["pong", ""]`.
+    async fn confirm(&self) -> Result<(), String> {
+        self.subscriber
+            .ping::<Value>(None)
             .await
             .map(drop)
             .map_err(reason)
