@@ -32,6 +32,7 @@ fn policies() -> &'static Policies {
             jwt: Some(JwtKey::Hs256(Secret::new(b"fuzz-secret".as_slice()))),
             api_keys: vec![Secret::new(b"key".as_slice())],
             allowed_origins: vec!["https://*.example.com".into(), "http://a.b".into()],
+            ..AuthConfig::default()
         })
         .expect("the locked auth config is valid"),
     })
