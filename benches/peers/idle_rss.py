@@ -16,6 +16,10 @@ shared page once per process that touched it (nchan's shared memory zone, in eve
 worker). Kernel socket memory is in neither. Connections are spread over source addresses
 127.0.0.2 and up, 5000 per address, bound with IP_BIND_ADDRESS_NO_PORT; this process holds
 N sockets, so N must stay under its open-file limit. Uses only the standard library.
+
+With `--tls CAFILE` the connections are `wss://` (the server's certificate must name
+localhost and be signed by CAFILE); descriptors of the server are reported too, because a
+TLS connection's cost there is the point (a TLS pump holds three per connection).
 """
 import argparse
 import base64
@@ -24,6 +28,7 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -65,6 +70,16 @@ def server_pids(args):
     return sorted(p for p in pids if proc_stat(p) is not None)
 
 
+def descriptors(pids):
+    n = 0
+    for pid in pids:
+        try:
+            n += len(os.listdir(f"/proc/{pid}/fd"))
+        except FileNotFoundError:
+            pass
+    return n
+
+
 def memory_kib(pids):
     """(VmRSS sum, Pss sum) in KiB over pids."""
     rss = pss = 0
@@ -90,7 +105,7 @@ def handshake_request(port, path):
             f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
 
 
-def open_connections(port, path, n, batch):
+def open_connections(port, path, n, batch, tls=None):
     socks = []
     for start in range(0, n, batch):
         pending = []
@@ -100,6 +115,8 @@ def open_connections(port, path, n, batch):
             s.bind((f"127.0.0.{2 + i // PER_ADDRESS}", 0))
             s.settimeout(10)
             s.connect(("127.0.0.1", port))
+            if tls is not None:
+                s = tls.wrap_socket(s, server_hostname="localhost")
             s.sendall(handshake_request(port, path))
             pending.append(s)
         for s in pending:
@@ -135,7 +152,7 @@ def idle(socks, seconds):
             s, buf = key.fileobj, key.data
             try:
                 chunk = s.recv(65536)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 continue
             except OSError:
                 chunk = b""
@@ -203,6 +220,7 @@ def main():
     ap.add_argument("--settle", type=float, default=3.0,
                     help="seconds to wait (answering pings) before each reading")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--tls", metavar="CAFILE", help="connect with TLS, trusting CAFILE")
     args = ap.parse_args()
 
     proc = None
@@ -221,12 +239,17 @@ def main():
         if not pids:
             raise SystemExit("no server process found")
         rss0, pss0 = memory_kib(pids)
+        fds0 = descriptors(pids)
+        tls = None
+        if args.tls:
+            tls = ssl.create_default_context(cafile=args.tls)
         t0 = time.monotonic()
-        socks = open_connections(args.port, args.path, args.connections, args.batch)
+        socks = open_connections(args.port, args.path, args.connections, args.batch, tls)
         opened = time.monotonic() - t0
         closed = idle(socks, args.settle)
         pids = server_pids(args)
         rss1, pss1 = memory_kib(pids)
+        fds1 = descriptors(pids)
         for s in socks:
             s.close()
     finally:
@@ -245,6 +268,8 @@ def main():
         "pss_before_kib": pss0,
         "pss_after_kib": pss1,
         "pss_per_connection_bytes": round((pss1 - pss0) * 1024 / n),
+        "tls": bool(args.tls),
+        "descriptors_per_connection": round((fds1 - fds0) / n, 2),
     }
     if args.json:
         print(json.dumps(result))

@@ -1,15 +1,19 @@
 //! TLS and key handling over real sockets: `wss://` and `https://` on one port with a
 //! certificate made at runtime, a plain-text client refused without harm, one handshake
 //! deadline for TLS and the request head, and ES256 and RS256 tokens checked against a PEM
-//! public key. Client publishing and JWT grants in general are in `auth.rs`.
+//! public key; TLS connections that the shard encrypts in place: large messages and backlogs
+//! through a slow reader arrive whole, a slow consumer's 4008 comes through, and each
+//! connection costs the server one descriptor. Client publishing and JWT grants in general
+//! are in `auth.rs`.
 use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::brokers::{Proc, free_port, poll};
 use common::*;
 use futures_util::StreamExt;
-use shardcast::{Config, JwtKey, RejectReason, TlsConfig};
+use shardcast::{Config, DisconnectReason, JwtKey, Opcode, RejectReason, TlsConfig, Topic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -18,6 +22,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 
 /// A self-signed certificate for `localhost`, written where the server can read it.
 struct Certificate {
@@ -53,12 +58,22 @@ fn certificate() -> Certificate {
 
 async fn tls_connect(c: &Certificate, s: &TestServer) -> TlsStream<TcpStream> {
     let tcp = TcpStream::connect(s.addr).await.expect("connect");
+    tls_over(c, tcp).await
+}
+
+async fn tls_over(c: &Certificate, tcp: TcpStream) -> TlsStream<TcpStream> {
     let name = ServerName::try_from("localhost").expect("server name");
     c.connector.connect(name, tcp).await.expect("tls handshake")
 }
 
 async fn wss(c: &Certificate, s: &TestServer, path: &str) -> WebSocketStream<TlsStream<TcpStream>> {
-    let stream = tls_connect(c, s).await;
+    wss_over(tls_connect(c, s).await, path).await
+}
+
+async fn wss_over(
+    stream: TlsStream<TcpStream>,
+    path: &str,
+) -> WebSocketStream<TlsStream<TcpStream>> {
     let (ws, res) = tokio_tungstenite::client_async(format!("wss://localhost{path}"), stream)
         .await
         .expect("websocket handshake over tls");
@@ -313,4 +328,194 @@ async fn rs256_tokens_are_checked_against_a_pem_public_key() {
     );
     drop((a, b));
     within("the server to stop", s.stop()).await;
+}
+
+/// The payload of message `i` of [`tls_backlogs_arrive_whole_and_in_order`]: sizes from one
+/// byte to 200 KiB (many TLS records, more than one sealed write), contents that tell
+/// messages and offsets apart.
+fn sized(i: usize) -> Vec<u8> {
+    let len = [1, 100, 16_384, 16_385, 70_000, 200_000, 3, 65_536][i % 8];
+    (0..len).map(|j| (i * 31 + j * 7) as u8).collect()
+}
+
+/// A subscriber with a 4 KiB receive buffer that reads nothing while 40 messages (2.5 MiB)
+/// are published: the shard's sealed writes block with encrypted output held back, again and
+/// again. Once it reads, it gets every message whole and in order, as does the publisher.
+#[tokio::test]
+async fn tls_backlogs_arrive_whole_and_in_order() {
+    const N: usize = 40;
+    let cert = certificate();
+    let s = start(Config {
+        tls: Some(cert.tls.clone()),
+        max_message_bytes: 256 * 1024,
+        send_queue_bytes: 8 << 20,
+        ..config()
+    })
+    .await;
+    let tcp = small_buffer_connect(s.addr, "the slow subscriber").await;
+    let mut slow = wss_over(tls_over(&cert, tcp).await, "/ws/backlog").await;
+    let mut publisher = wss(&cert, &s, "/ws/backlog").await;
+    let want: Vec<Vec<u8>> = (0..N).map(sized).collect();
+    for payload in &want {
+        futures_util::SinkExt::send(&mut publisher, Message::binary(payload.clone()))
+            .await
+            .expect("publish");
+        // The publisher reads its own copy, so only the subscriber falls behind.
+        assert_eq!(&next_binary(&mut publisher).await, payload);
+    }
+    let got = within("the slow subscriber's backlog", async {
+        let mut got = Vec::new();
+        while got.len() < N {
+            got.push(next_binary(&mut slow).await);
+        }
+        got
+    })
+    .await;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g == w, "message {i}: {} bytes, want {}", g.len(), w.len());
+    }
+    drop((slow, publisher));
+    s.stop().await;
+}
+
+async fn next_binary<S>(ws: &mut WebSocketStream<S>) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => return b.to_vec(),
+            Some(Ok(m)) if m.is_ping() || m.is_pong() => continue,
+            other => panic!("expected a binary message, got {other:?}"),
+        }
+    }
+}
+
+/// A TLS subscriber that reads nothing passes its 64 KiB budget: it is dropped (4008) while
+/// a fast one goes on. When it reads, it finds a prefix of the messages, in order, then the
+/// close frame, encrypted whole after what the shard had begun to send.
+#[tokio::test]
+async fn tls_slow_consumer_gets_4008_after_a_prefix() {
+    let cert = certificate();
+    let s = start(Config {
+        tls: Some(cert.tls.clone()),
+        send_queue_bytes: 64 * 1024,
+        max_message_bytes: 16 * 1024,
+        ..config()
+    })
+    .await;
+    let tcp = small_buffer_connect(s.addr, "the slow subscriber").await;
+    let mut slow = wss_over(tls_over(&cert, tcp).await, "/ws/flood").await;
+    let mut fast = wss(&cert, &s, "/ws/flood").await;
+    let mut sent = 0u32;
+    // Bounded: 64 KiB of budget and the kernel's buffers take far fewer than 2000 messages
+    // of 8 KiB.
+    while stats_now(&s)
+        .await
+        .disconnects
+        .get(DisconnectReason::SlowConsumer)
+        == 0
+    {
+        assert!(sent < 2000, "the slow consumer was never dropped");
+        let mut payload = vec![0u8; 8192];
+        payload[..4].copy_from_slice(&sent.to_be_bytes());
+        s.relay
+            .publish(
+                &Topic::new("flood").expect("topic"),
+                Opcode::Binary,
+                &payload,
+            )
+            .await
+            .expect("publish");
+        let got = next_binary(&mut fast).await;
+        assert_eq!(got[..4], sent.to_be_bytes(), "the fast client's order");
+        sent += 1;
+    }
+    let (seen, close) = within("the slow client's close", async {
+        let mut seen = 0u32;
+        loop {
+            match slow.next().await {
+                Some(Ok(Message::Binary(b))) => {
+                    assert_eq!(b[..4], seen.to_be_bytes(), "the slow client's order");
+                    seen += 1;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return (
+                        seen,
+                        frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                    );
+                }
+                Some(Ok(m)) if m.is_ping() => {}
+                other => panic!("expected messages then a close, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        seen < sent,
+        "the slow client got everything: {seen} of {sent}"
+    );
+    assert_eq!(close, Some((4008, "slow consumer".to_string())));
+    let stats = stats_until(&s, "the slow client freed", |st| st.connections == 1).await;
+    assert_eq!(stats.disconnects.total(), 1);
+    drop((slow, fast));
+    s.stop().await;
+}
+
+/// Descriptors of process `pid`.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the server's descriptors")
+        .count()
+}
+
+/// A TLS WebSocket costs the server one descriptor, its socket: no socket pair, no pump.
+/// Measured on the real binary, so the test's own sockets do not count.
+#[tokio::test]
+async fn a_tls_connection_costs_one_descriptor() {
+    const N: usize = 50;
+    let cert = certificate();
+    let port = free_port();
+    let args = [
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--tls-cert",
+        &cert.tls.cert.display().to_string(),
+        "--tls-key",
+        &cert.tls.key.display().to_string(),
+        "--shards",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec();
+    let node = Proc::spawn(env!("CARGO_BIN_EXE_shardcast"), args, port);
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let connect = || async {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        wss_over(tls_over(&cert, tcp).await, "/ws/count").await
+    };
+    poll("the TLS server to listen", || async {
+        TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+    let mut first = connect().await;
+    let idle = descriptors(node.pid());
+    let mut more = Vec::new();
+    for _ in 0..N {
+        more.push(connect().await);
+    }
+    // Every one of them upgraded and subscribed: a message reaches the last.
+    futures_util::SinkExt::send(&mut first, "all here".into())
+        .await
+        .expect("send");
+    for ws in more.iter_mut() {
+        assert_eq!(next_text(ws).await, "all here");
+    }
+    assert_eq!(
+        descriptors(node.pid()) - idle,
+        N,
+        "descriptors for {N} TLS connections"
+    );
+    drop((first, more));
 }

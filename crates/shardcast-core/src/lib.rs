@@ -11,7 +11,8 @@
 //! - `shard`: hub shards that own clients, fan out, write, and run heartbeats.
 //! - `wheel`: the timer wheel each shard drives.
 //! - `reader`: [`FrameReader`](reader::FrameReader), the buffer-free parser of client frames.
-//! - `socket`: [`Socket`], a TCP stream or the local end of a TLS pump.
+//! - `socket`: [`Socket`], a TCP stream or a [`Sealed`] (TLS) one, and the [`Sealed`] trait
+//!   the server implements.
 //! - `topic`, `disconnect`, `stats`, `units`, `error`: the shared vocabulary.
 //!
 //! See `docs/ARCHITECTURE.md` for the invariants that hold these together.
@@ -38,7 +39,7 @@ pub use frame::Opcode;
 pub use interest::{Interest, InterestWatcher};
 pub use shard::ConnShared;
 pub use shard::Guard;
-pub use socket::Socket;
+pub use socket::{Sealed, Socket};
 pub use stats::{FANOUT_BOUNDS, Histogram, QUEUE_BOUNDS};
 pub use topic::{MAX_TOPIC_LEN, Topic, TopicError};
 pub use wheel::TimerWheel;

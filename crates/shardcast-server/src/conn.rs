@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 
 use shardcast_core::frame::{self, close_code};
 use shardcast_core::reader::{Event, FrameReader, ProtocolError};
@@ -20,6 +21,7 @@ use shardcast_core::{ConnShared, DisconnectReason, Slot, Socket, Source};
 
 use crate::handshake::Publish;
 use crate::relay::Relay;
+use crate::tls::Tls;
 
 #[cfg(any(test, feature = "internals"))]
 pub mod fuzzing;
@@ -123,8 +125,9 @@ async fn attach(
     let (socket, read_buf) = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => (Socket::Tcp(parts.io.into_inner()), parts.read_buf),
         Err(upgraded) => {
-            let parts = upgraded.downcast::<TokioIo<UnixStream>>().ok()?;
-            (Socket::Local(parts.io.into_inner()), parts.read_buf)
+            let parts = upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>().ok()?;
+            let tls = Tls::new(parts.io.into_inner());
+            (Socket::Sealed(Box::new(tls)), parts.read_buf)
         }
     };
     let stream = Arc::new(socket);
@@ -363,6 +366,7 @@ impl<W: Watch> Reader<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::UnixStream;
 
     /// The reader task lives as long as its connection: its future must stay small. An
     /// `async fn serve(self, ..)` made it 760 bytes; the peer address costs 32.

@@ -282,7 +282,7 @@ async fn accept_loop(
     }
 }
 
-/// Serves HTTP/1.1 on one connection. `io` is a TCP stream or, behind TLS, a local socket;
+/// Serves HTTP/1.1 on one connection. `io` is a TCP stream or a TLS stream over one;
 /// `conn.rs` takes either back after an upgrade.
 ///
 /// `head_timeout` bounds the reading of each request head: `--handshake-timeout` on plain
@@ -319,7 +319,7 @@ async fn serve_http<I>(
     }
 }
 
-/// Terminates TLS, then serves HTTP on the plain side. `deadline` (the accept plus
+/// Completes the TLS handshake, then serves HTTP over the TLS stream. `deadline` (the accept plus
 /// `--handshake-timeout`) is one budget for the TLS handshake and the first request head
 /// together, so a client trickling both is cut off once, not after twice the timeout.
 ///
@@ -333,9 +333,9 @@ async fn serve_tls(
     deadline: Instant,
 ) {
     match tokio::time::timeout_at(deadline, crate::tls::accept(&acceptor, tcp)).await {
-        Ok(Some(plain)) => {
+        Ok(Some(tls)) => {
             let left = deadline.saturating_duration_since(Instant::now());
-            serve_http(TokioIo::new(plain), peer, relay, Endpoint::Main, left).await
+            serve_http(TokioIo::new(tls), peer, relay, Endpoint::Main, left).await
         }
         Ok(None) => relay.reject(RejectReason::TlsHandshake),
         Err(_) => {

@@ -1,25 +1,35 @@
-//! TLS termination: loads the certificate and key, and runs one pump task per TLS connection
-//! that moves plain bytes between the encrypted stream and a local socket pair. Everything
-//! behind the pair (hyper, the reader, the shard) is the same as for plain TCP.
+//! TLS termination: loads the certificate and key, completes the TLS handshake, and after
+//! the WebSocket upgrade turns the connection into the engine's [`Sealed`] socket, [`Tls`]:
+//! one TCP socket and its rustls state, with no task of its own. The reader decrypts in its
+//! reads and the shard encrypts in its writes, each under the connection's lock.
 //!
-//! The pump costs a task, two 8 KiB buffers and two extra descriptors per TLS connection;
-//! see `docs/security.md` for when to terminate TLS in front of the relay instead.
+//! Before the upgrade hyper serves the `tokio_rustls` stream as it would a TCP stream.
+//! What does not live here: the handshake deadline (`server.rs`) and the send budget
+//! (the engine's; a TLS client may hold up to [`SEALED_LIMIT`] more, in rustls).
 
+use std::fmt;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::Shutdown;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
-use tokio::net::{TcpStream, UnixStream};
+use shardcast_core::Sealed;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::ServerConnection;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::server::TlsStream;
 
 use crate::{Error, TlsConfig};
 
-/// Bytes each pump buffers per direction, for the connection's lifetime. A larger frame takes
-/// several copies; back-pressure from a slow client still reaches the shard through the pair.
-const PUMP_BUFFER: usize = 8 * 1024;
+/// Most encrypted bytes one connection holds for the kernel: the output of one write. A
+/// write takes at most this much plain text (a few TLS records), and the next write waits
+/// until it is sent. Large enough that a backlog goes out in large writes.
+const SEALED_LIMIT: usize = 64 * 1024;
 
 /// Reads the PEM files and builds the acceptor (TLS 1.2 and 1.3, ring provider, ALPN
 /// `http/1.1`).
@@ -50,35 +60,178 @@ pub(crate) fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, Error> {
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 
-/// Completes the TLS handshake on `tcp` and starts the pump. Returns the plain local end,
-/// or `None` if the handshake failed (logged at debug).
-pub(crate) async fn accept(acceptor: &TlsAcceptor, tcp: TcpStream) -> Option<UnixStream> {
+/// Completes the TLS handshake on `tcp`, or returns `None` if it failed (logged at debug).
+pub(crate) async fn accept(acceptor: &TlsAcceptor, tcp: TcpStream) -> Option<TlsStream<TcpStream>> {
     let peer = tcp.peer_addr().ok();
-    let mut tls = match acceptor.accept(tcp).await {
-        Ok(s) => s,
+    match acceptor.accept(tcp).await {
+        Ok(s) => Some(s),
         Err(e) => {
             tracing::debug!(?peer, error = %e, "tls handshake failed");
-            return None;
+            None
         }
-    };
-    let (plain, mut pump_end) = match UnixStream::pair() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "failed to create a socket pair for a tls connection");
-            return None;
+    }
+}
+
+/// A TLS connection after its upgrade: the engine's [`Sealed`] socket.
+pub(crate) struct Tls {
+    tcp: TcpStream,
+    /// The connection's TLS state. Locked by the reader (decrypting) and the shard
+    /// (encrypting), never across an await: every call holding it is non-blocking. Invariant:
+    /// it holds decrypted plain text only after a `try_read` that returned bytes without
+    /// seeing the socket would block, so the socket's read readiness is still set and
+    /// `poll_read_ready` need not look inside.
+    conn: Mutex<ServerConnection>,
+}
+
+impl Tls {
+    /// Takes the stream hyper served apart; plain text rustls already decrypted stays in it
+    /// and is read first.
+    pub(crate) fn new(stream: TlsStream<TcpStream>) -> Self {
+        let (tcp, mut conn) = stream.into_inner();
+        conn.set_buffer_limit(Some(SEALED_LIMIT));
+        Self {
+            tcp,
+            conn: Mutex::new(conn),
         }
-    };
-    tokio::spawn(async move {
-        let r = tokio::io::copy_bidirectional_with_sizes(
-            &mut tls,
-            &mut pump_end,
-            PUMP_BUFFER,
-            PUMP_BUFFER,
-        )
-        .await;
-        if let Err(e) = r {
-            tracing::debug!(?peer, error = %e, "tls connection ended");
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ServerConnection> {
+        // A panic while holding the lock leaves rustls in a state nobody should use; the
+        // connection is as good as gone, so go on and let the next call fail.
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends pending output; `Ok(true)` once none is left.
+    fn flush(conn: &mut ServerConnection, tcp: &TcpStream) -> io::Result<bool> {
+        while conn.wants_write() {
+            match conn.write_tls(&mut Io(tcp)) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
         }
-    });
-    Some(plain)
+        Ok(true)
+    }
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("tcp", &self.tcp)
+            .finish_non_exhaustive()
+    }
+}
+
+/// rustls' blocking I/O over the socket's non-blocking calls: `WouldBlock` passes through.
+struct Io<'a>(&'a TcpStream);
+
+impl Read for Io<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for Io<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// A write's frames are gathered here and encrypted as one run of full-size records
+    /// (one record per frame would cost a record header, a tag and a cipher call each).
+    static GATHER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(SEALED_LIMIT));
+}
+
+impl Sealed for Tls {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp.poll_read_ready(cx)
+    }
+
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut conn = self.lock();
+        let mut eof = false;
+        loop {
+            match conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !eof => {}
+                // End of stream, with or without the peer's close_notify: the WebSocket
+                // layer decides whether the connection ended cleanly.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
+                    return Ok(0);
+                }
+                Err(e) => return Err(e),
+            }
+            // Nothing decrypted is waiting: read more records (`WouldBlock` passes through
+            // and clears the socket's readiness).
+            if conn.read_tls(&mut Io(&self.tcp))? == 0 {
+                eof = true;
+            }
+            let processed = conn.process_new_packets();
+            // Alerts, and answers to a key update, go out now if the socket takes them;
+            // anything left goes with the next write.
+            let _ = Self::flush(&mut conn, &self.tcp);
+            if let Err(e) = processed {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+    }
+
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut conn = self.lock();
+        if !Self::flush(&mut conn, &self.tcp)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let taken = GATHER.with_borrow_mut(|gather| {
+            gather.clear();
+            for b in bufs {
+                let room = SEALED_LIMIT - gather.len();
+                if room == 0 {
+                    break;
+                }
+                gather.extend_from_slice(&b[..b.len().min(room)]);
+            }
+            conn.writer().write(gather)
+        })?;
+        // The output need not all go now: what is left waits for `try_flush`.
+        Self::flush(&mut conn, &self.tcp)?;
+        Ok(taken)
+    }
+
+    fn try_flush(&self) -> io::Result<bool> {
+        Self::flush(&mut self.lock(), &self.tcp)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp.poll_write_ready(cx)
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        if how != Shutdown::Read {
+            let mut conn = self.lock();
+            // Only if nothing waits: a close_notify half-sent behind a full socket would
+            // cut a record in two.
+            if !conn.wants_write() {
+                conn.send_close_notify();
+                let _ = Self::flush(&mut conn, &self.tcp);
+            }
+        }
+        let _ = socket2::SockRef::from(&self.tcp).shutdown(how);
+    }
 }

@@ -80,6 +80,11 @@ impl Client {
                 }
             }
         }
+        // A sealed (TLS) stream may still hold the output of the last write: the client is
+        // not drained until that reaches the kernel too (see `socket::Sealed`).
+        if !stream.try_flush()? {
+            return Ok(Flush::Blocked);
+        }
         let capacity = self.queue.capacity();
         if capacity > 64 && self.recent_peak < capacity / 4 {
             // Hand back a burst's worth of slots once they go mostly unused: idle clients
