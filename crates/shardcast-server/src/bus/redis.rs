@@ -68,6 +68,12 @@ impl Session {
                     c.connection_timeout = COMMAND_TIMEOUT;
                     c.internal_command_timeout = COMMAND_TIMEOUT;
                     c.max_command_attempts = 1;
+                    // Closing a connection resets it (SO_LINGER 0): the kernel discards what
+                    // it still holds to send. Without it, publishes written before a
+                    // partition outlive a session given up on it: the kernel retransmits
+                    // them, and once the network heals Redis executes them, seconds late,
+                    // after newer ones, although the node counted them as dropped.
+                    c.tcp.linger = Some(Duration::ZERO);
                 })
                 .with_performance_config(|p| {
                     // No fred timeout: the bus task bounds every command itself and counts
