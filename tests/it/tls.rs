@@ -519,3 +519,64 @@ async fn a_tls_connection_costs_one_descriptor() {
     );
     drop((first, more));
 }
+
+/// One server frame (unmasked) read off any stream: (opcode, payload).
+async fn read_frame(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).await.expect("a frame header");
+    let len = match h[1] & 0x7F {
+        126 => {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l).await.expect("a 16-bit length");
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            s.read_exact(&mut l).await.expect("a 64-bit length");
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.expect("a frame payload");
+    (h[0] & 0x0F, payload)
+}
+
+/// A client that sends frames right behind its upgrade request, in the same TLS write: the
+/// bytes hyper did not take, and those rustls had decrypted but nobody had read, are read
+/// after the upgrade without waiting for more to arrive on the socket.
+#[tokio::test]
+async fn tls_frames_sent_with_the_upgrade_request_are_read() {
+    let cert = certificate();
+    let s = start(Config {
+        tls: Some(cert.tls.clone()),
+        max_message_bytes: 128 * 1024,
+        ..config()
+    })
+    .await;
+    let mut stream = tls_connect(&cert, &s).await;
+    let big: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+    let mut wire = upgrade_request("GET", "/ws/early", &format!("{KEY}{V13}")).into_bytes();
+    wire.extend(client_frame(true, OP_BINARY, &big));
+    wire.extend(client_frame(true, OP_TEXT, b"second"));
+    stream.write_all(&wire).await.expect("write");
+    stream.flush().await.expect("flush");
+    within("both messages back", async {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut b).await.expect("the response head");
+            head.push(b[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        assert_eq!(read_frame(&mut stream).await, (0x2, big));
+        assert_eq!(read_frame(&mut stream).await, (0x1, b"second".to_vec()));
+    })
+    .await;
+    drop(stream);
+    s.stop().await;
+}

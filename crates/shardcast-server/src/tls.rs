@@ -11,6 +11,7 @@ use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -76,11 +77,13 @@ pub(crate) async fn accept(acceptor: &TlsAcceptor, tcp: TcpStream) -> Option<Tls
 pub(crate) struct Tls {
     tcp: TcpStream,
     /// The connection's TLS state. Locked by the reader (decrypting) and the shard
-    /// (encrypting), never across an await: every call holding it is non-blocking. Invariant:
-    /// it holds decrypted plain text only after a `try_read` that returned bytes without
-    /// seeing the socket would block, so the socket's read readiness is still set and
-    /// `poll_read_ready` need not look inside.
+    /// (encrypting), never across an await: every call holding it is non-blocking.
     conn: Mutex<ServerConnection>,
+    /// Whether `conn` may hold decrypted plain text not yet read, so that the reader must
+    /// not wait for the socket (whose readiness may be spent: the bytes are already in).
+    /// Set when the upgrade hands the stream over and after each read; only the reader
+    /// reads and clears it.
+    plain_waiting: AtomicBool,
 }
 
 impl Tls {
@@ -89,15 +92,17 @@ impl Tls {
     pub(crate) fn new(stream: TlsStream<TcpStream>) -> Self {
         let (tcp, mut conn) = stream.into_inner();
         conn.set_buffer_limit(Some(SEALED_LIMIT));
+        let waiting = plain_waiting(&mut conn);
         Self {
             tcp,
             conn: Mutex::new(conn),
+            plain_waiting: AtomicBool::new(waiting),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, ServerConnection> {
-        // A panic while holding the lock leaves rustls in a state nobody should use; the
-        // connection is as good as gone, so go on and let the next call fail.
+        // Nothing under the lock panics (rustls reports failures as errors). Were it to,
+        // rustls' state is still its own, and a broken one fails the next call with an error.
         self.conn
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -115,6 +120,13 @@ impl Tls {
         }
         Ok(true)
     }
+}
+
+/// Whether `conn` holds decrypted plain text (or an error) for the next read.
+fn plain_waiting(conn: &mut ServerConnection) -> bool {
+    // Cheap when nothing new came in; an error is for the next read to report.
+    conn.process_new_packets()
+        .map_or(true, |state| state.plaintext_bytes_to_read() > 0)
 }
 
 impl fmt::Debug for Tls {
@@ -156,15 +168,23 @@ thread_local! {
 
 impl Sealed for Tls {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.plain_waiting.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
         self.tcp.poll_read_ready(cx)
     }
 
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         let mut conn = self.lock();
         let mut eof = false;
+        self.plain_waiting.store(false, Ordering::Relaxed);
         loop {
             match conn.reader().read(buf) {
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    let waiting = n > 0 && plain_waiting(&mut conn);
+                    self.plain_waiting.store(waiting, Ordering::Relaxed);
+                    return Ok(n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && !eof => {}
                 // End of stream, with or without the peer's close_notify: the WebSocket
                 // layer decides whether the connection ended cleanly.
