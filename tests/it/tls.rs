@@ -93,16 +93,27 @@ async fn https(c: &Certificate, s: &TestServer, request: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn next_text<S>(ws: &mut WebSocketStream<S>) -> String
+/// The next text or binary message, past pings and pongs.
+async fn next_message<S>(ws: &mut WebSocketStream<S>) -> Message
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     loop {
         match ws.next().await {
-            Some(Ok(m)) if m.is_text() => return m.into_text().expect("text").to_string(),
             Some(Ok(m)) if m.is_ping() || m.is_pong() => continue,
-            other => panic!("expected a text message, got {other:?}"),
+            Some(Ok(m)) if m.is_text() || m.is_binary() => return m,
+            other => panic!("expected a message, got {other:?}"),
         }
+    }
+}
+
+async fn next_text<S>(ws: &mut WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match next_message(ws).await {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected a text message, got {other:?}"),
     }
 }
 
@@ -382,12 +393,9 @@ async fn next_binary<S>(ws: &mut WebSocketStream<S>) -> Vec<u8>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Binary(b))) => return b.to_vec(),
-            Some(Ok(m)) if m.is_ping() || m.is_pong() => continue,
-            other => panic!("expected a binary message, got {other:?}"),
-        }
+    match next_message(ws).await {
+        Message::Binary(b) => b.to_vec(),
+        other => panic!("expected a binary message, got {other:?}"),
     }
 }
 
@@ -562,17 +570,7 @@ async fn tls_frames_sent_with_the_upgrade_request_are_read() {
     stream.write_all(&wire).await.expect("write");
     stream.flush().await.expect("flush");
     within("both messages back", async {
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut b).await.expect("the response head");
-            head.push(b[0]);
-        }
-        assert!(
-            head.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
+        read_101(&mut stream).await;
         assert_eq!(read_frame(&mut stream).await, (0x2, big));
         assert_eq!(read_frame(&mut stream).await, (0x1, b"second".to_vec()));
     })

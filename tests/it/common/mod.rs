@@ -287,10 +287,17 @@ pub fn upgrade_request(method: &str, path: &str, headers: &str) -> String {
 
 /// Like `raw_ws_on`, with `extra` header lines (each ending in CRLF) in the request.
 pub async fn raw_ws_with(mut s: TcpStream, path: &str, extra: &str) -> TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let req = upgrade_request("GET", path, &format!("{KEY}{V13}{extra}"));
     s.write_all(req.as_bytes()).await.expect("write handshake");
-    // Read the response head byte by byte so no frame byte is consumed by accident.
+    read_101(&mut s).await;
+    s
+}
+
+/// Reads a `101 Switching Protocols` response head byte by byte, so that no frame byte
+/// behind it is consumed by accident; fails the test on any other response.
+pub async fn read_101(s: &mut (impl AsyncRead + Unpin)) {
+    use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -302,7 +309,6 @@ pub async fn raw_ws_with(mut s: TcpStream, path: &str, extra: &str) -> TcpStream
         "{}",
         String::from_utf8_lossy(&head)
     );
-    s
 }
 
 /// Client frame opcodes (RFC 6455 §5.2).
