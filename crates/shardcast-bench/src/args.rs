@@ -279,10 +279,10 @@ pub struct SoakArgs {
     /// Payload bytes of those messages.
     #[arg(long, default_value_t = 64)]
     pub size: u32,
-    /// Topics only slow readers subscribe to, flooded while the churn lasts.
+    /// Topics only slow readers subscribe to, flooded all along (nobody else listens).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub slow_topics: u32,
-    /// Messages per second POSTed to each slow topic while the churn lasts.
+    /// Messages per second POSTed to each slow topic.
     #[arg(long, default_value_t = 20.0)]
     pub slow_rate: f64,
     /// Payload bytes of a slow topic's messages.

@@ -58,6 +58,9 @@ pub struct Sample {
     pub rss_bytes: Option<u64>,
     pub open_fds: Option<u64>,
     pub tokio_tasks: Option<u64>,
+    /// `shardcast_disconnects_total{reason="slow_consumer"}`: the slow readers the server
+    /// dropped (4008), so far.
+    pub slow_consumer_drops: Option<u64>,
     pub probes_sent: u64,
     pub probes_answered: u64,
     /// The slowest probe so far, milliseconds.
@@ -75,6 +78,9 @@ impl Sample {
             rss_bytes: get("process_resident_memory_bytes"),
             open_fds: get("process_open_fds"),
             tokio_tasks: get("shardcast_tokio_tasks"),
+            slow_consumer_drops: Some(
+                scrape.sum("shardcast_disconnects_total", "\"slow_consumer\"") as u64,
+            ),
             ..Sample::default()
         }
     }
@@ -166,13 +172,14 @@ pub fn row(s: &Sample) -> String {
     let n = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     let mib = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1048576.0));
     format!(
-        "{:>8.0} {:>8} {:>7} {:>9} {:>7} {:>7} {:>11} {:>9.1}{}",
+        "{:>8.0} {:>8} {:>7} {:>9} {:>7} {:>7} {:>7} {:>11} {:>9.1}{}",
         s.t_s,
         s.phase,
         n(s.connections),
         mib(s.rss_bytes),
         n(s.open_fds),
         n(s.tokio_tasks),
+        n(s.slow_consumer_drops),
         format!("{}/{}", s.probes_answered, s.probes_sent),
         s.worst_probe_ms,
         s.error
@@ -184,11 +191,14 @@ pub fn row(s: &Sample) -> String {
 
 /// The header of [`row`]'s table.
 pub const HEADER: &str =
-    "     t s    phase   conns   RSS MiB     fds   tasks      probes  worst ms";
+    "     t s    phase   conns   RSS MiB     fds   tasks   4008s      probes  worst ms";
 
 /// What the background tasks share with the phases.
 struct State {
     t0: Instant,
+    /// The probes' stamp id: this run's, so that another run's probes on the same server
+    /// are not counted.
+    probe_id: u32,
     phase: Cell<&'static str>,
     samples: RefCell<Vec<Sample>>,
     probes: RefCell<Probes>,
@@ -196,8 +206,6 @@ struct State {
     published: Cell<u64>,
     slow_published: Cell<u64>,
     publish_errors: RefCell<BTreeMap<String, u64>>,
-    /// The slow topics are flooded while this is set.
-    flood: Cell<bool>,
     /// Probes are sent while this is set.
     probing: Cell<bool>,
     /// Woken when a probe arrives (one waiter: the end of the run).
@@ -206,7 +214,11 @@ struct State {
 }
 
 impl State {
-    fn probe_seen(&self, sent_ns: u64, now: u64, timeout: Duration) {
+    fn probe_seen(&self, stamp: Stamp, now: u64, timeout: Duration) {
+        if stamp.id != self.probe_id {
+            return;
+        }
+        let sent_ns = stamp.sent_ns;
         let ms = now.saturating_sub(sent_ns) as f64 / 1e6;
         let mut p = self.probes.borrow_mut();
         if ms <= timeout.as_secs_f64() * 1e3 {
@@ -249,6 +261,8 @@ impl Soak {
     ) -> Result<Soak, Error> {
         let state = Rc::new(State {
             t0: Instant::now(),
+            // The pid tells concurrent runs apart; the clock, runs of one pid (tests).
+            probe_id: std::process::id() ^ (now_ns() as u32),
             phase: Cell::new("settle"),
             samples: RefCell::new(Vec::new()),
             probes: RefCell::new(Probes::default()),
@@ -256,7 +270,6 @@ impl Soak {
             published: Cell::new(0),
             slow_published: Cell::new(0),
             publish_errors: RefCell::new(BTreeMap::new()),
-            flood: Cell::new(false),
             probing: Cell::new(true),
             probe_arrived: Notify::new(),
             quiet,
@@ -298,7 +311,6 @@ impl Soak {
             )));
         }
         soak.state.phase.set("churn");
-        soak.state.flood.set(true);
         Ok(soak)
     }
 
@@ -334,8 +346,6 @@ impl Soak {
                 )));
             }
         }
-        // The slow topics' subscribers are all gone now.
-        self.state.flood.set(false);
         let expected = self.job.connections + 1;
         let deadline = Instant::now() + self.job.recover_timeout;
         if let Err(seen) = pump(workers, bar, self.connections_reach(expected, deadline)).await? {
@@ -491,7 +501,7 @@ impl Soak {
                     let (mut rd, mut wr) = s.split();
                     crate::scenario::read_loop(&mut rd, &mut wr, &mut reader, &mut rng, |st, now| {
                         if let Some(st) = st {
-                            state.probe_seen(st.sent_ns, now, timeout);
+                            state.probe_seen(st, now, timeout);
                         }
                     })
                     .await;
@@ -520,7 +530,7 @@ impl Soak {
             Stamp {
                 sent_ns: now_ns(),
                 seq,
-                id: 0,
+                id: state.probe_id,
             }
             .write(&mut body);
             state.probes.borrow_mut().sent += 1;
@@ -562,7 +572,9 @@ impl Soak {
                 },
             ));
         }
-        // The slow topics' flood, while the churn lasts.
+        // The slow topics' flood. Always on, so that its HTTP connections are in the baseline
+        // too; only slow readers subscribe to these topics, so outside the churn it costs
+        // the server a lookup per message.
         if job.slow_rate > 0.0 && job.mix.slow > 0 {
             let mut posters = (0..job.slow_topics)
                 .map(|t| poster(&format!("{}slow{t}", plan.topic_prefix)))
@@ -572,9 +584,6 @@ impl Soak {
             self.tasks.push(every(
                 Duration::from_secs_f64(1.0 / (job.slow_rate * job.slow_topics as f64)),
                 async move |n| {
-                    if !state.flood.get() {
-                        return;
-                    }
                     Stamp { sent_ns: now_ns(), seq: n, id: 2 }.write(&mut body);
                     let i = (n % posters.len() as u64) as usize;
                     match posters[i].post(&body, false).await {
