@@ -50,7 +50,7 @@ pub enum Scenario {
     Connect(ConnectArgs),
     /// Hold N connections, churn them for --duration, watch the server's /metrics; assert that
     /// RSS, descriptors and tasks return to the baseline and that every probe was answered.
-    Soak(SoakArgs),
+    Soak(Box<SoakArgs>),
 }
 
 impl Scenario {

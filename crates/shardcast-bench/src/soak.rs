@@ -125,7 +125,9 @@ pub struct SoakResult {
 /// `None` when `end` is within `tolerance` (a share) of `base`, else why not.
 pub fn drift(what: &str, base: Option<u64>, end: Option<u64>, tolerance: f64) -> Option<String> {
     let (Some(b), Some(e)) = (base, end) else {
-        return Some(format!("{what}: not measured (baseline {base:?}, end {end:?})"));
+        return Some(format!(
+            "{what}: not measured (baseline {base:?}, end {end:?})"
+        ));
     };
     let change = (e as f64 - b as f64) / (b.max(1) as f64);
     (change.abs() > tolerance).then(|| {
@@ -141,7 +143,12 @@ pub fn drift(what: &str, base: Option<u64>, end: Option<u64>, tolerance: f64) ->
 pub fn verdict(baseline: &Sample, end: &Sample, probes: &Probes, tolerance: f64) -> Vec<String> {
     let mut failures: Vec<String> = [
         drift("RSS", baseline.rss_bytes, end.rss_bytes, tolerance),
-        drift("open descriptors", baseline.open_fds, end.open_fds, tolerance),
+        drift(
+            "open descriptors",
+            baseline.open_fds,
+            end.open_fds,
+            tolerance,
+        ),
         drift(
             "tokio tasks",
             baseline.tokio_tasks,
@@ -170,7 +177,8 @@ pub fn verdict(baseline: &Sample, end: &Sample, probes: &Probes, tolerance: f64)
 /// One row of the table, for the live lines and the summary.
 pub fn row(s: &Sample) -> String {
     let n = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    let mib = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1048576.0));
+    let mib =
+        |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1048576.0));
     format!(
         "{:>8.0} {:>8} {:>7} {:>9} {:>7} {:>7} {:>7} {:>11} {:>9.1}{}",
         s.t_s,
@@ -230,9 +238,19 @@ impl State {
         self.probe_arrived.notify_one();
     }
 
-    fn publish_error(&self, e: &Error) {
-        let label = crate::scenario::failure_label(e);
+    /// Whether a POST was answered 2xx; counts its error if not.
+    fn posted(&self, r: Result<crate::post::Response, Error>) -> bool {
+        let e = match r {
+            Ok(r) if (200..300).contains(&r.status) => return true,
+            Ok(r) => Error::Refused {
+                status: r.status,
+                body: String::new(),
+            },
+            Err(e) => e,
+        };
+        let label = crate::scenario::failure_label(&e);
         *self.publish_errors.borrow_mut().entry(label).or_insert(0) += 1;
+        false
     }
 }
 
@@ -324,11 +342,11 @@ impl Soak {
         bar: &Bar,
     ) -> Result<(), Error> {
         let start = Instant::now();
-        let opened_start = self.scrape().await.ok().map(|s| Sample::of(&s).opened_total);
+        let opened_start = self.opened().await;
         pump(workers, bar, tokio::time::sleep(plan.duration)).await?;
         let stop = Instant::now();
-        let opened_stop = self.scrape().await.ok().map(|s| Sample::of(&s).opened_total);
-        self.churn = Some((start, stop, opened_start.flatten(), opened_stop.flatten()));
+        let opened_stop = self.opened().await;
+        self.churn = Some((start, stop, opened_start, opened_stop));
         self.state.phase.set("recover");
         bar.phase("recovering");
         workers.send_all(&ToWorker::Calm);
@@ -398,7 +416,14 @@ impl Soak {
         let (churn_s, connects_per_sec) = match self.churn {
             Some((a, b, Some(o1), Some(o2))) => {
                 let s = b.duration_since(a).as_secs_f64();
-                (s, if s > 0.0 { o2.saturating_sub(o1) as f64 / s } else { 0.0 })
+                (
+                    s,
+                    if s > 0.0 {
+                        o2.saturating_sub(o1) as f64 / s
+                    } else {
+                        0.0
+                    },
+                )
             }
             Some((a, b, _, _)) => (b.duration_since(a).as_secs_f64(), 0.0),
             None => (0.0, 0.0),
@@ -422,6 +447,11 @@ impl Soak {
     /// Scrapes the server's metrics once.
     async fn scrape(&self) -> Result<Scrape, String> {
         scrape(self.metrics_addr, &self.metrics).await
+    }
+
+    /// The server's count of connections opened so far, if it answers.
+    async fn opened(&self) -> Option<u64> {
+        Sample::of(&self.scrape().await.ok()?).opened_total
     }
 
     /// Scrapes, records and prints one sample of `phase`.
@@ -476,7 +506,7 @@ impl Soak {
         let host = ws.host_header();
         let sub = Rc::new((ws_dialer, host, ws.target.clone(), headers.clone()));
         let mut reader = FrameReader::new(4096, client::DEFAULT_MAX_FRAME);
-        let mut rng = client::Rng::new(plan.seed ^ 0x5EED_0F_50AC);
+        let mut rng = client::Rng::new(plan.seed ^ 0x5EED_50AC);
         let first = client::open(
             &sub.0,
             0,
@@ -499,11 +529,17 @@ impl Soak {
             loop {
                 if let Some(mut s) = stream.take() {
                     let (mut rd, mut wr) = s.split();
-                    crate::scenario::read_loop(&mut rd, &mut wr, &mut reader, &mut rng, |st, now| {
-                        if let Some(st) = st {
-                            state.probe_seen(st, now, timeout);
-                        }
-                    })
+                    crate::scenario::read_loop(
+                        &mut rd,
+                        &mut wr,
+                        &mut reader,
+                        &mut rng,
+                        |st, now| {
+                            if let Some(st) = st {
+                                state.probe_seen(st, now, timeout);
+                            }
+                        },
+                    )
                     .await;
                     state.probes.borrow_mut().subscriber_drops += 1;
                 }
@@ -534,67 +570,31 @@ impl Soak {
             }
             .write(&mut body);
             state.probes.borrow_mut().sent += 1;
-            match probe.post(&body, false).await {
-                Ok(r) if (200..300).contains(&r.status) => {}
-                Ok(r) => {
-                    state.probes.borrow_mut().post_failures += 1;
-                    state.publish_error(&Error::Refused {
-                        status: r.status,
-                        body: String::new(),
-                    });
-                }
-                Err(e) => {
-                    state.probes.borrow_mut().post_failures += 1;
-                    state.publish_error(&e);
-                }
+            if !state.posted(probe.post(&body, false).await) {
+                state.probes.borrow_mut().post_failures += 1;
             }
             state.probe_arrived.notify_one();
         }));
-        // The topics' publishes, round robin.
-        if job.publish_rate > 0.0 {
-            let mut posters = (0..job.topics)
-                .map(|t| poster(&format!("{}{t}", plan.topic_prefix)))
+        // The topics' publishes, round robin; and the slow topics' flood, always on so that
+        // its HTTP connections are in the baseline too (only slow readers subscribe to these
+        // topics: outside the churn a message costs the server a lookup).
+        let slow_rate = if job.mix.slow > 0 { job.slow_rate } else { 0.0 };
+        let streams: [(&str, u64, usize, f64, Counter); 2] = [
+            ("", job.topics, job.size, job.publish_rate, |s| &s.published),
+            ("slow", job.slow_topics, job.slow_size, slow_rate, |s| {
+                &s.slow_published
+            }),
+        ];
+        for (infix, topics, size, rate, count) in streams {
+            if rate <= 0.0 {
+                continue;
+            }
+            let posters = (0..topics)
+                .map(|t| poster(&format!("{}{infix}{t}", plan.topic_prefix)))
                 .collect::<Result<Vec<_>, Error>>()?;
-            let mut body = vec![0u8; job.size.max(STAMP_LEN)];
-            let state = self.state.clone();
-            self.tasks.push(every(
-                Duration::from_secs_f64(1.0 / job.publish_rate),
-                async move |n| {
-                    Stamp { sent_ns: now_ns(), seq: n, id: 1 }.write(&mut body);
-                    let i = (n % posters.len() as u64) as usize;
-                    match posters[i].post(&body, false).await {
-                        Ok(r) if (200..300).contains(&r.status) => {
-                            state.published.set(state.published.get() + 1);
-                        }
-                        Ok(r) => state.publish_error(&Error::Refused { status: r.status, body: String::new() }),
-                        Err(e) => state.publish_error(&e),
-                    }
-                },
-            ));
-        }
-        // The slow topics' flood. Always on, so that its HTTP connections are in the baseline
-        // too; only slow readers subscribe to these topics, so outside the churn it costs
-        // the server a lookup per message.
-        if job.slow_rate > 0.0 && job.mix.slow > 0 {
-            let mut posters = (0..job.slow_topics)
-                .map(|t| poster(&format!("{}slow{t}", plan.topic_prefix)))
-                .collect::<Result<Vec<_>, Error>>()?;
-            let mut body = vec![0u8; job.slow_size.max(STAMP_LEN)];
-            let state = self.state.clone();
-            self.tasks.push(every(
-                Duration::from_secs_f64(1.0 / (job.slow_rate * job.slow_topics as f64)),
-                async move |n| {
-                    Stamp { sent_ns: now_ns(), seq: n, id: 2 }.write(&mut body);
-                    let i = (n % posters.len() as u64) as usize;
-                    match posters[i].post(&body, false).await {
-                        Ok(r) if (200..300).contains(&r.status) => {
-                            state.slow_published.set(state.slow_published.get() + 1);
-                        }
-                        Ok(r) => state.publish_error(&Error::Refused { status: r.status, body: String::new() }),
-                        Err(e) => state.publish_error(&e),
-                    }
-                },
-            ));
+            let total = rate * if infix.is_empty() { 1.0 } else { topics as f64 };
+            self.tasks
+                .push(round_robin(self.state.clone(), posters, size, total, count));
         }
         // The sampler.
         let state = self.state.clone();
@@ -677,6 +677,37 @@ fn record(state: &State, phase: &'static str, scrape: Result<Scrape, String>) ->
     s
 }
 
+/// Which counter of the [`State`] a stream of publishes counts in.
+type Counter = fn(&State) -> &Cell<u64>;
+
+/// A local task POSTing `size`-byte stamped messages at `rate` per second, one poster after
+/// the other, counting those answered 2xx in the counter `count` picks.
+fn round_robin(
+    state: Rc<State>,
+    mut posters: Vec<Poster>,
+    size: usize,
+    rate: f64,
+    count: Counter,
+) -> JoinHandle<()> {
+    let mut body = vec![0u8; size.max(STAMP_LEN)];
+    every(Duration::from_secs_f64(1.0 / rate), async move |n| {
+        Stamp {
+            sent_ns: now_ns(),
+            seq: n,
+            id: 1,
+        }
+        .write(&mut body);
+        let i = (n % posters.len().max(1) as u64) as usize;
+        let Some(poster) = posters.get_mut(i) else {
+            return;
+        };
+        if state.posted(poster.post(&body, false).await) {
+            let c = count(&state);
+            c.set(c.get() + 1);
+        }
+    })
+}
+
 /// A local task calling `tick(n)` every `interval` (n = 0, 1, ...) and awaiting it before
 /// the next tick; ticks missed meanwhile are skipped, not bunched.
 fn every<F>(interval: Duration, mut tick: F) -> JoinHandle<()>
@@ -709,7 +740,11 @@ mod tests {
             http_url("ws://h:1/{topic}", "/publish/{topic}").unwrap(),
             "http://h:1/publish/{topic}"
         );
-        assert!(http_url("wss://h/ws/{topic}", "/metrics").unwrap_err().is_bad_args());
+        assert!(
+            http_url("wss://h/ws/{topic}", "/metrics")
+                .unwrap_err()
+                .is_bad_args()
+        );
         assert!(http_url("ws:///x", "/metrics").unwrap_err().is_bad_args());
     }
 
@@ -733,7 +768,10 @@ mod tests {
         assert!(verdict(&base, &sample(1050, 190, 420), &probes, TOLERANCE).is_empty());
         let bad = verdict(&base, &sample(1051, 189, 400), &probes, TOLERANCE);
         assert_eq!(bad.len(), 2, "{bad:?}");
-        assert!(bad[0].starts_with("RSS: 1051 at the end against 1000"), "{bad:?}");
+        assert!(
+            bad[0].starts_with("RSS: 1051 at the end against 1000"),
+            "{bad:?}"
+        );
         assert!(bad[1].starts_with("open descriptors: 189"), "{bad:?}");
     }
 
@@ -756,7 +794,16 @@ mod tests {
             tokio_tasks: None,
             ..base.clone()
         };
-        let f = verdict(&base, &unmeasured, &Probes { sent: 1, answered: 1, ..Probes::default() }, TOLERANCE);
+        let f = verdict(
+            &base,
+            &unmeasured,
+            &Probes {
+                sent: 1,
+                answered: 1,
+                ..Probes::default()
+            },
+            TOLERANCE,
+        );
         assert!(f[0].starts_with("tokio tasks: not measured"), "{f:?}");
     }
 
@@ -771,7 +818,13 @@ mod tests {
             process_resident_memory_bytes 4096\n";
         let s = Sample::of(&Scrape::parse(text));
         assert_eq!(
-            (s.connections, s.opened_total, s.rss_bytes, s.open_fds, s.tokio_tasks),
+            (
+                s.connections,
+                s.opened_total,
+                s.rss_bytes,
+                s.open_fds,
+                s.tokio_tasks
+            ),
             (Some(7), Some(90), Some(4096), Some(12), Some(17))
         );
     }

@@ -716,7 +716,9 @@ async fn orchestrate(plan: Plan, scenario: Scenario, common: CommonArgs) -> Resu
     }
     // The soak's baseline: the connections open and settled, publishes and probes running.
     let mut soak = match &plan.job {
-        Job::Soak(job) => Some(crate::soak::Soak::baseline(&plan, job, &mut workers, &bar, common.quiet).await?),
+        Job::Soak(job) => {
+            Some(crate::soak::Soak::baseline(&plan, job, &mut workers, &bar, common.quiet).await?)
+        }
         _ => None,
     };
     let t0_ns = now_ns();
@@ -960,9 +962,34 @@ mod tests {
             &["fanout", "--rate", "0"],
             &["chat", "--rounds", "0"],
             &["idle", "--url", "nope"],
+            &["soak", "--url", "wss://h/{topic}"],
+            &["soak", "--publish-url", "ws://h/{topic}"],
+            &["soak", "--metrics-url", "https://h/metrics"],
+            &["soak", "--churn-rate", "-1"],
+            &["soak", "--mix", "abrupt=0"],
+            &["soak", "--mix", "fast=1"],
+            &["soak", "--probe-interval", "0s"],
         ] {
             assert!(plan(args).unwrap_err().is_bad_args(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn soak_derives_its_http_urls_from_the_first_url() {
+        let p = plan(&[
+            "soak",
+            "--url",
+            "ws://10.0.0.1:9000/ws/{topic}",
+            "--mix",
+            "close=1",
+        ])
+        .unwrap();
+        let Job::Soak(k) = p.job else { panic!() };
+        assert_eq!(k.publish_url, "http://10.0.0.1:9000/publish/{topic}");
+        assert_eq!(k.metrics_url, "http://10.0.0.1:9000/metrics");
+        assert_eq!((k.mix.abrupt, k.mix.close, k.mix.slow), (0, 1, 0));
+        // One worker per 15,000 connections, as for the other scenarios.
+        assert_eq!((k.connections, p.workers), (15_000, 1));
     }
 
     #[test]

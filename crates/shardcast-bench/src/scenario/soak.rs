@@ -254,7 +254,7 @@ async fn slot_loop(
             Err(label) => shared.ended(label),
             Ok(Ok(Leave::Abrupt)) => {
                 // Half with a reset (SO_LINGER 0), half with a plain FIN and no close frame.
-                let label = if generation % 2 == 0 {
+                let label = if generation.is_multiple_of(2) {
                     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                     "churn: abrupt (reset)"
                 } else {
@@ -295,9 +295,12 @@ async fn close(
         return client::io_label(&e);
     }
     let (mut rd, mut wr) = stream.split();
-    tokio::time::timeout(CLOSE_WAIT, read_loop(&mut rd, &mut wr, reader, rng, |_, _| {}))
-        .await
-        .unwrap_or_else(|_| "no close from the server".into())
+    tokio::time::timeout(
+        CLOSE_WAIT,
+        read_loop(&mut rd, &mut wr, reader, rng, |_, _| {}),
+    )
+    .await
+    .unwrap_or_else(|_| "no close from the server".into())
 }
 
 /// A slow reader's life: connects with tiny buffers to a slow (flooded) topic, stops reading
@@ -370,7 +373,10 @@ mod tests {
         };
         let got: Vec<Leave> = (0..8).map(|r| pick(&mix, r)).collect();
         use Leave::*;
-        assert_eq!(got, [Abrupt, Abrupt, Close, Slow, Abrupt, Abrupt, Close, Slow]);
+        assert_eq!(
+            got,
+            [Abrupt, Abrupt, Close, Slow, Abrupt, Abrupt, Close, Slow]
+        );
         let only_slow = Mix {
             abrupt: 0,
             close: 0,
