@@ -254,7 +254,7 @@ async fn slot_loop(
             Err(label) => shared.ended(label),
             Ok(Ok(Leave::Abrupt)) => {
                 // Half with a reset (SO_LINGER 0), half with a plain FIN and no close frame.
-                let label = if generation.is_multiple_of(2) {
+                let label = if rng.next_u64().is_multiple_of(2) {
                     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                     "churn: abrupt (reset)"
                 } else {
