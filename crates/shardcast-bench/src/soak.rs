@@ -17,8 +17,9 @@ use tokio::task::JoinHandle;
 use super::Error;
 use super::client::{self, Dialer, FrameReader, Request};
 use super::payload::{STAMP_LEN, Stamp, now_ns};
-use super::post::Poster;
+use super::post::{Poster, Response};
 use super::report::Bar;
+use super::scenario::{failure_label, read_loop};
 use super::top::{self, Scrape};
 use super::url::{Template, Url, parse_headers};
 use super::worker::{FromWorker, Plan, SoakJob, ToWorker, Workers};
@@ -239,7 +240,7 @@ impl State {
     }
 
     /// Whether a POST was answered 2xx; counts its error if not.
-    fn posted(&self, r: Result<crate::post::Response, Error>) -> bool {
+    fn posted(&self, r: Result<Response, Error>) -> bool {
         let e = match r {
             Ok(r) if (200..300).contains(&r.status) => return true,
             Ok(r) => Error::Refused {
@@ -248,7 +249,7 @@ impl State {
             },
             Err(e) => e,
         };
-        let label = crate::scenario::failure_label(&e);
+        let label = failure_label(&e);
         *self.publish_errors.borrow_mut().entry(label).or_insert(0) += 1;
         false
     }
@@ -529,17 +530,11 @@ impl Soak {
             loop {
                 if let Some(mut s) = stream.take() {
                     let (mut rd, mut wr) = s.split();
-                    crate::scenario::read_loop(
-                        &mut rd,
-                        &mut wr,
-                        &mut reader,
-                        &mut rng,
-                        |st, now| {
-                            if let Some(st) = st {
-                                state.probe_seen(st, now, timeout);
-                            }
-                        },
-                    )
+                    read_loop(&mut rd, &mut wr, &mut reader, &mut rng, |st, now| {
+                        if let Some(st) = st {
+                            state.probe_seen(st, now, timeout);
+                        }
+                    })
                     .await;
                     state.probes.borrow_mut().subscriber_drops += 1;
                 }

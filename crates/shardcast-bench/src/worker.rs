@@ -21,8 +21,9 @@ use super::args::{
 use super::payload::{STAMP_LEN, now_ns};
 use super::report::{self, Report};
 use super::scenario::{self, Link};
+use super::soak;
 use super::sys;
-use super::url::{Scheme, Template, parse_headers};
+use super::url::{Scheme, Template, Url, parse_headers};
 
 /// Connections per worker process when `--workers` is not given.
 const CONNS_PER_WORKER: u64 = 15_000;
@@ -345,7 +346,7 @@ fn soak_job(a: &SoakArgs) -> Result<(Job, u64), Error> {
         .urls
         .first()
         .ok_or_else(|| Error::BadArgs("--url: at least one is needed".into()))?;
-    let derived = |path: &str| crate::soak::http_url(first, path);
+    let derived = |path: &str| soak::http_url(first, path);
     let publish_url = match &a.publish_url {
         Some(u) => u.clone(),
         None => derived("/publish/{topic}")?,
@@ -359,7 +360,7 @@ fn soak_job(a: &SoakArgs) -> Result<(Job, u64), Error> {
         Some(u) => u.clone(),
         None => derived("/metrics")?,
     };
-    if crate::url::Url::parse(&metrics_url)?.scheme != Scheme::Http {
+    if Url::parse(&metrics_url)?.scheme != Scheme::Http {
         return Err(Error::BadArgs(format!(
             "--metrics-url {metrics_url}: must be an http:// URL"
         )));
@@ -717,7 +718,7 @@ async fn orchestrate(plan: Plan, scenario: Scenario, common: CommonArgs) -> Resu
     // The soak's baseline: the connections open and settled, publishes and probes running.
     let mut soak = match &plan.job {
         Job::Soak(job) => {
-            Some(crate::soak::Soak::baseline(&plan, job, &mut workers, &bar, common.quiet).await?)
+            Some(soak::Soak::baseline(&plan, job, &mut workers, &bar, common.quiet).await?)
         }
         _ => None,
     };
@@ -755,7 +756,7 @@ async fn orchestrate(plan: Plan, scenario: Scenario, common: CommonArgs) -> Resu
     let server_at_end = pid.map(ServerSample::take);
     let results = workers.results(&bar).await?;
     bar.finish();
-    extra.soak = soak.map(crate::soak::Soak::finish);
+    extra.soak = soak.map(soak::Soak::finish);
     let (u1, s1) = sys::self_cpu();
     let parent_cpu = (u1 + s1).saturating_sub(cpu_before.0 + cpu_before.1);
     extra.server = match (server_before, server_at_start, server_at_end) {
