@@ -157,8 +157,11 @@ fn stop_signals() -> std::io::Result<watch::Receiver<Stop>> {
 fn loadgen(command: Command) -> ExitCode {
     use shardcast::loadgen;
     let result = match command {
-        Command::Bench(args) => loadgen::run_bench(&args)
-            .and_then(|report| loadgen::report::emit(&report, args.scenario.common())),
+        Command::Bench(args) => loadgen::run_bench(&args).and_then(|report| {
+            loadgen::report::emit(&report, args.scenario.common())?;
+            // After the report: a failed soak exits 1 with its reasons, its figures printed.
+            report.verdict()
+        }),
         Command::Sub(args) => loadgen::tools::run_sub(&args).map(drop),
         Command::Pub(args) => loadgen::tools::run_pub(&args).map(drop),
         Command::Top(args) => loadgen::run_top(&args),

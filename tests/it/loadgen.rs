@@ -365,3 +365,114 @@ fn tools_exit_2_on_bad_arguments_and_1_when_refused() {
     assert_eq!(code(&["bench", "fanout", "--rate", "fast"]), Some(2));
     assert_eq!(code(&["sub", "ws://127.0.0.1:1/ws/x"]), Some(1));
 }
+
+/// A tiny `bench soak` against a `shardcast` process of its own (so that its descriptors and
+/// tasks are the server's alone): 300 connections churned for a few seconds, abruptly, with
+/// close frames and as slow readers the server drops (4008). Every probe is answered, and
+/// connections, descriptors and tasks come back to the baseline. RSS is reported, not
+/// asserted here: at 300 connections it is mostly the allocator's timing (the 15,000
+/// connection soak in `.ci/run` asserts it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_soak_churns_and_comes_back_to_its_baseline() {
+    use common::brokers::{Proc, free_port, http_get, poll};
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _node = Proc::spawn(
+        env!("CARGO_BIN_EXE_shardcast"),
+        ["--listen", &listen, "--send-queue-bytes", "128KiB"]
+            .map(String::from)
+            .to_vec(),
+        port,
+    );
+    poll("the shardcast process to serve /livez", || async move {
+        http_get(port, "/livez")
+            .await
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    })
+    .await;
+    let url = format!("ws://{listen}/ws/{{topic}}");
+    let run = tokio::task::spawn_blocking(move || {
+        shardcast()
+            .args([
+                "bench", "soak", "--url", &url, "-n", "300", "--topics", "10",
+            ])
+            .args([
+                "--churn-rate",
+                "60",
+                "--duration",
+                "5s",
+                "--slow-stall",
+                "2s",
+            ])
+            .args([
+                "--settle",
+                "1s",
+                "--sample-interval",
+                "1s",
+                "--probe-interval",
+                "250ms",
+            ])
+            .args(["--quiet", "--json", "-"])
+            .output()
+    });
+    // Connecting, 1 s to settle, 5 s of churn, the last slow readers' 2 s stall, 1 s again.
+    let out = common::within_for("the soak", std::time::Duration::from_secs(60), run)
+        .await
+        .expect("soak thread")
+        .expect("run bench soak");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let soak = &r["soak"];
+    let failures = soak["failures"].as_array().expect("failures");
+    // The exit status is the verdict.
+    assert_eq!(out.status.success(), failures.is_empty(), "{soak}");
+    let rss_only = failures
+        .iter()
+        .all(|f| f.as_str().is_some_and(|f| f.starts_with("RSS: ")));
+    assert!(rss_only, "{failures:?}");
+    let (base, end) = (&soak["baseline"], &soak["end"]);
+    // 300 connections and the probe subscriber, before and after.
+    assert_eq!(base["connections"], 301, "{soak}");
+    assert_eq!(end["connections"], 301, "{soak}");
+    for gauge in ["rss_bytes", "open_fds", "tokio_tasks"] {
+        assert!(
+            base[gauge].as_u64().is_some_and(|v| v > 0),
+            "{gauge}: {soak}"
+        );
+        assert!(
+            end[gauge].as_u64().is_some_and(|v| v > 0),
+            "{gauge}: {soak}"
+        );
+    }
+    let probes = &soak["probes"];
+    assert!(probes["sent"].as_u64().is_some_and(|n| n >= 20), "{probes}");
+    assert_eq!(probes["answered"], probes["sent"], "{probes}");
+    // Each way of leaving happened, and every slow reader was dropped by the server.
+    let churned = &soak["churned"];
+    for way in ["abrupt", "close", "slow"] {
+        assert!(
+            churned[way].as_u64().is_some_and(|n| n > 0),
+            "{way}: {churned}"
+        );
+    }
+    let slow = churned["slow"].as_u64().unwrap_or(0);
+    let drops = end["slow_consumer_drops"].as_u64().unwrap_or(0)
+        - base["slow_consumer_drops"].as_u64().unwrap_or(0);
+    assert_eq!(drops, slow, "{soak}");
+    let dropped: u64 = r["disconnects"]
+        .as_object()
+        .expect("disconnects")
+        .iter()
+        .filter(|(label, _)| label.starts_with("slow reader: ") && !label.contains("not dropped"))
+        .map(|(_, n)| n.as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(dropped, slow, "{}", r["disconnects"]);
+    assert!(
+        soak["samples"].as_array().is_some_and(|s| s.len() >= 5),
+        "{soak}"
+    );
+}

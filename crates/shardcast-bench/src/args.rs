@@ -48,6 +48,9 @@ pub enum Scenario {
     Idle(IdleArgs),
     /// Handshakes per second and their latency.
     Connect(ConnectArgs),
+    /// Hold N connections, churn them for --duration, watch the server's /metrics; assert that
+    /// RSS, descriptors and tasks return to the baseline and that every probe was answered.
+    Soak(Box<SoakArgs>),
 }
 
 impl Scenario {
@@ -57,6 +60,7 @@ impl Scenario {
             Scenario::Chat(a) => &a.common,
             Scenario::Idle(a) => &a.common,
             Scenario::Connect(a) => &a.common,
+            Scenario::Soak(a) => &a.common,
         }
     }
 }
@@ -209,6 +213,107 @@ pub struct ConnectArgs {
     /// Handshakes in flight at once, per worker.
     #[arg(long, short = 'c', default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency: u32,
+}
+
+/// How the soak's churned connections go, as weights: `abrupt=2,close=2,slow=1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mix {
+    /// Dropped without a close frame (half with a TCP reset, half with a FIN).
+    pub abrupt: u32,
+    /// Closed with a close frame (1000), waiting for the server's.
+    pub close: u32,
+    /// Replaced by a slow reader on a flooded topic that stops reading until the server drops it.
+    pub slow: u32,
+}
+
+/// Parses `--mix`: comma-separated `name=weight`; names not given weigh 0; not all 0.
+pub fn parse_mix(s: &str) -> Result<Mix, String> {
+    let mut mix = Mix {
+        abrupt: 0,
+        close: 0,
+        slow: 0,
+    };
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, weight) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}`: expected name=weight"))?;
+        let weight: u32 = weight
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{part}`: the weight must be a whole number"))?;
+        match name.trim() {
+            "abrupt" => mix.abrupt = weight,
+            "close" => mix.close = weight,
+            "slow" => mix.slow = weight,
+            other => return Err(format!("`{other}`: expected abrupt, close or slow")),
+        }
+    }
+    if u64::from(mix.abrupt) + u64::from(mix.close) + u64::from(mix.slow) == 0 {
+        return Err("at least one weight must be above 0".into());
+    }
+    Ok(mix)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    /// `--duration` is how long the churn lasts; `--warmup` is not used (the baseline is
+    /// taken once the connections are open and `--settle` has passed).
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Connections held; churned ones are replaced, so about this many stay open.
+    #[arg(long, short = 'n', default_value_t = 15_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections: u32,
+    /// Topics the connections are spread over (connection `i` on topic `i % T`).
+    #[arg(long, short = 't', default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub topics: u32,
+    /// Connections churned per second over all workers: each one leaves as `--mix` says and
+    /// is replaced.
+    #[arg(long, default_value_t = 200.0)]
+    pub churn_rate: f64,
+    /// How churned connections leave, as weights.
+    #[arg(long, default_value = "abrupt=2,close=2,slow=1", value_parser = parse_mix)]
+    pub mix: Mix,
+    /// Messages per second POSTed over the topics, round robin (0: none).
+    #[arg(long, default_value_t = 100.0)]
+    pub publish_rate: f64,
+    /// Payload bytes of those messages.
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
+    /// Topics only slow readers subscribe to, flooded all along (nobody else listens).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub slow_topics: u32,
+    /// Messages per second POSTed to each slow topic.
+    #[arg(long, default_value_t = 20.0)]
+    pub slow_rate: f64,
+    /// Payload bytes of a slow topic's messages.
+    #[arg(long, default_value = "16KiB", value_parser = shardcast_core::units::parse_size)]
+    pub slow_size: usize,
+    /// How long a slow reader stops reading; then it reads what is left, expecting the
+    /// server's close (4008, or the write timeout's) within 10 s.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub slow_stall: Duration,
+    /// Where to POST the messages and probes [default: the first --url's host, /publish/{topic}].
+    #[arg(long)]
+    pub publish_url: Option<String>,
+    /// The server's metrics [default: the first --url's host, /metrics].
+    #[arg(long)]
+    pub metrics_url: Option<String>,
+    /// Time between two samples of the server's metrics.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub sample_interval: Duration,
+    /// Time between two probes (a POST to the probe topic, received by the probe subscriber).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub probe_interval: Duration,
+    /// A probe not received within this time is unanswered.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub probe_timeout: Duration,
+    /// Once the connections are back to the baseline's count, wait this long before sampling
+    /// (the baseline waits as long after the first connections are open).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// After the churn stops, how long the connections may take to return to the baseline.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub recover_timeout: Duration,
 }
 
 /// How `sub` prints binary messages.

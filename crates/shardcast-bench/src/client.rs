@@ -84,10 +84,28 @@ impl Dialer {
 
     /// Opens a TCP connection for connection number `index`.
     pub async fn connect(&self, index: u64) -> io::Result<TcpStream> {
+        self.connect_tuned(index, None).await
+    }
+
+    /// Opens a TCP connection for connection number `index`; with `small_rcvbuf`, its receive
+    /// buffer is that small and its segments are 536 bytes, both set before the SYN. A reader
+    /// that stops reading then fills the kernel's buffers of both ends in tens of KiB (the
+    /// server's send buffer is sized from the segment size), instead of megabytes on loopback:
+    /// the soak's slow readers.
+    pub async fn connect_tuned(
+        &self,
+        index: u64,
+        small_rcvbuf: Option<usize>,
+    ) -> io::Result<TcpStream> {
         let domain = socket2::Domain::for_address(self.dest);
         let sock =
             socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
         sock.set_nonblocking(true)?;
+        if let Some(bytes) = small_rcvbuf {
+            sock.set_recv_buffer_size(bytes)?;
+            nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::TcpMaxSeg, &536)
+                .map_err(io::Error::from)?;
+        }
         if let Some(src) = self.source(index) {
             nix::sys::socket::setsockopt(
                 &sock,

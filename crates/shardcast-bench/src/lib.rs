@@ -8,7 +8,9 @@
 //!   client frames and the parser for server frames.
 //! - `post`: a keep-alive HTTP/1.1 client for `POST` publishing.
 //! - `payload`: the stamp (send time, sequence, publisher) at fixed offsets in each payload.
-//! - `scenario`: `fanout`, `chat`, `idle` and `connect`, as run inside one worker.
+//! - `scenario`: `fanout`, `chat`, `idle`, `connect` and `soak`, as run inside one worker.
+//! - `soak`: the soak's parent side: probes, publishes, the server's metrics over time, the
+//!   verdict.
 //! - `worker`: the parent/worker protocol, worker processes and the parent's orchestration.
 //! - `report`: the merged result, its human summary and its JSON form.
 //! - `sys`: CPU, RSS and kernel socket memory read from the OS.
@@ -21,6 +23,7 @@ pub mod payload;
 pub mod post;
 pub mod report;
 mod scenario;
+pub mod soak;
 pub mod sys;
 pub mod tools;
 pub mod top;

@@ -49,6 +49,7 @@ pub struct Extra {
     pub server_after_connect: Option<ServerSample>,
     /// The server before any connection, at the start and at the end of the window.
     pub server: Option<(ServerSample, ServerSample, ServerSample)>,
+    pub soak: Option<super::soak::SoakResult>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +75,7 @@ pub struct Report {
     pub chat: Option<ChatResult>,
     pub idle: Option<IdleResult>,
     pub connect: Option<ConnectResult>,
+    pub soak: Option<SoakReport>,
     /// Connections the server ended (or that failed), by close code or error.
     pub disconnects: BTreeMap<String, u64>,
     pub generator_cpu: GeneratorCpu,
@@ -178,6 +180,18 @@ pub struct IdleResult {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct SoakReport {
+    /// Connections told to leave, by way (`abrupt`, `close`, `slow`), over the churn.
+    pub churned: BTreeMap<String, u64>,
+    /// `churned` over the churn's duration.
+    pub churned_per_sec: f64,
+    /// Churn ticks that found no open connection to churn (the rate was not met).
+    pub churn_missed: u64,
+    #[serde(flatten)]
+    pub run: super::soak::SoakResult,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct ConnectResult {
     pub handshakes: u64,
     pub handshakes_per_sec: f64,
@@ -232,6 +246,13 @@ fn settings(scenario: &Scenario) -> serde_json::Value {
         Scenario::Connect(a) => {
             json!({ "connections": a.connections, "concurrency": a.concurrency })
         }
+        Scenario::Soak(a) => json!({
+            "connections": a.connections, "topics": a.topics, "churn_rate": a.churn_rate,
+            "mix": { "abrupt": a.mix.abrupt, "close": a.mix.close, "slow": a.mix.slow },
+            "publish_rate": a.publish_rate, "size": a.size, "slow_topics": a.slow_topics,
+            "slow_rate": a.slow_rate, "slow_size": a.slow_size,
+            "slow_stall_s": a.slow_stall.as_secs_f64(), "duration_s": a.common.duration.as_secs_f64(),
+        }),
     }
 }
 
@@ -279,6 +300,7 @@ pub fn build(
     let mut window_s = window.wall.as_secs_f64();
     let per_sec = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     let (mut fanout, mut chat, mut idle, mut connect) = (None, None, None, None);
+    let mut soak = None;
     let mut attempted = connected + failed.values().sum::<u64>();
     let mut measured_deliveries = measured;
     let mut deliveries_per_sec;
@@ -396,6 +418,27 @@ pub fn build(
                 ),
             });
         }
+        Job::Soak(_) => {
+            deliveries_per_sec = 0.0;
+            attempted = handshakes + failed.values().sum::<u64>();
+            let mut churned = BTreeMap::new();
+            for r in &results {
+                merge_map(&mut churned, &r.churned);
+            }
+            if let Some(run) = extra.soak.clone() {
+                let n: u64 = churned.values().sum();
+                soak = Some(SoakReport {
+                    churned_per_sec: if run.churn_s > 0.0 {
+                        n as f64 / run.churn_s
+                    } else {
+                        0.0
+                    },
+                    churned,
+                    churn_missed: results.iter().map(|r| r.churn_missed).sum(),
+                    run,
+                });
+            }
+        }
         Job::Connect(_) => {
             attempted = handshakes + failed.values().sum::<u64>();
             deliveries_per_sec = 0.0;
@@ -405,7 +448,7 @@ pub fn build(
             });
         }
     }
-    if matches!(plan.job, Job::Idle(_) | Job::Connect(_)) {
+    if matches!(plan.job, Job::Idle(_) | Job::Connect(_) | Job::Soak(_)) {
         deliveries_per_sec = deliveries_per_sec.max(0.0);
     }
     if connected == 0 && !matches!(plan.job, Job::Connect(_)) {
@@ -437,6 +480,7 @@ pub fn build(
             Job::Chat(_) => "chat",
             Job::Idle(_) => "idle",
             Job::Connect(_) => "connect",
+            Job::Soak(_) => "soak",
         },
         urls: plan.urls.clone(),
         by_url,
@@ -460,6 +504,7 @@ pub fn build(
         chat,
         idle,
         connect,
+        soak,
         disconnects,
         generator_cpu: GeneratorCpu {
             total_s: cpu_total + parent_s,
@@ -670,6 +715,69 @@ impl Report {
                 c.handshakes
             ));
         }
+        if let Some(k) = &self.soak {
+            let r = &k.run;
+            line(format!(
+                "  churn         {:.0}s: {} churned ({:.1}/s; {}), {:.1} connects/s at the server{}",
+                r.churn_s,
+                k.churned.values().sum::<u64>(),
+                k.churned_per_sec,
+                fmt_map(&k.churned),
+                r.connects_per_sec,
+                if k.churn_missed > 0 {
+                    format!(", {} ticks found nothing to churn", k.churn_missed)
+                } else {
+                    String::new()
+                }
+            ));
+            line(format!(
+                "  publishes     {} on the topics, {} on the slow topics{}",
+                r.published,
+                r.slow_published,
+                if r.publish_errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("; errors: {}", fmt_map(&r.publish_errors))
+                }
+            ));
+            line(format!(
+                "  probes        {} of {} answered within the timeout, {} late, slowest {:.1} ms",
+                r.probes.answered, r.probes.sent, r.probes.late, r.probes.worst_ms
+            ));
+            line(format!("  {}", super::soak::HEADER.trim_start()));
+            for s in &r.samples {
+                line(format!("  {}", super::soak::row(s)));
+            }
+            for (what, b, e) in [
+                ("RSS bytes", r.baseline.rss_bytes, r.end.rss_bytes),
+                ("descriptors", r.baseline.open_fds, r.end.open_fds),
+                ("tokio tasks", r.baseline.tokio_tasks, r.end.tokio_tasks),
+                ("connections", r.baseline.connections, r.end.connections),
+            ] {
+                let change = match (b, e) {
+                    (Some(b), Some(e)) if b > 0 => {
+                        format!("{:+.2}%", (e as f64 - b as f64) / b as f64 * 100.0)
+                    }
+                    _ => "-".into(),
+                };
+                let n = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+                line(format!(
+                    "  {what:<13} baseline {:>12}  end {:>12}  {change}",
+                    n(b),
+                    n(e)
+                ));
+            }
+            if r.failures.is_empty() {
+                line(format!(
+                    "  verdict       PASS: back within {:.0}% of the baseline, every probe answered",
+                    r.tolerance * 100.0
+                ));
+            } else {
+                for f in &r.failures {
+                    line(format!("  FAILED        {f}"));
+                }
+            }
+        }
         if let Some(l) = &self.latency_us {
             line(format!(
                 "  latency µs    p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}  (mean {:.0}, n={})",
@@ -723,6 +831,19 @@ impl Report {
     }
 }
 
+impl Report {
+    /// An error when a run's own assertions failed (the soak's), for a non-zero exit.
+    pub fn verdict(&self) -> Result<(), Error> {
+        match &self.soak {
+            Some(k) if !k.run.failures.is_empty() => Err(Error::Failed(format!(
+                "soak failed: {}",
+                k.run.failures.join("; ")
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn fmt_map(m: &BTreeMap<String, u64>) -> String {
     m.iter()
         .map(|(k, v)| format!("{k}: {v}"))
@@ -746,6 +867,7 @@ impl Bar {
             Job::Chat(j) => j.clients,
             Job::Idle(j) => j.connections,
             Job::Connect(_) => 0,
+            Job::Soak(j) => j.connections,
         };
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         if quiet {

@@ -58,12 +58,12 @@ impl Scrape {
     }
 
     /// The sample of `name` with no labels.
-    fn get(&self, name: &str) -> Option<f64> {
+    pub(crate) fn get(&self, name: &str) -> Option<f64> {
         self.samples.get(name).copied()
     }
 
     /// The sum of every sample of `name`, whatever its labels (with `filter` in them).
-    fn sum(&self, name: &str, filter: &str) -> f64 {
+    pub(crate) fn sum(&self, name: &str, filter: &str) -> f64 {
         self.samples
             .iter()
             .filter(|(k, _)| {
@@ -301,11 +301,18 @@ fn scrape(addr: &str, host: &str, path: &str, timeout: Duration) -> Result<Scrap
     let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let mut body = Vec::new();
-    // Metrics are a few KiB; a node that sends more than 4 MiB is not a shardcast node.
-    s.take(4 << 20)
+    s.take(MAX_METRICS)
         .read_to_end(&mut body)
         .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&body);
+    parse_response(&body)
+}
+
+/// Metrics are a few KiB; a node that sends more than 4 MiB is not a shardcast node.
+pub(crate) const MAX_METRICS: u64 = 4 << 20;
+
+/// A whole `GET /metrics` response (read to its end: `Connection: close`) as a [`Scrape`].
+pub(crate) fn parse_response(body: &[u8]) -> Result<Scrape, String> {
+    let text = String::from_utf8_lossy(body);
     let (head, rest) = text.split_once("\r\n\r\n").ok_or("no response")?;
     let status = head.split_whitespace().nth(1).unwrap_or("?");
     if status != "200" {

@@ -15,13 +15,15 @@ use tokio::sync::mpsc;
 
 use super::Error;
 use super::args::{
-    BenchArgs, ChatArgs, CommonArgs, ConnectArgs, FanoutArgs, IdleArgs, Rate, Scenario,
+    BenchArgs, ChatArgs, CommonArgs, ConnectArgs, FanoutArgs, IdleArgs, Mix, Rate, Scenario,
+    SoakArgs,
 };
 use super::payload::{STAMP_LEN, now_ns};
 use super::report::{self, Report};
 use super::scenario::{self, Link};
+use super::soak;
 use super::sys;
-use super::url::{Scheme, Template, parse_headers};
+use super::url::{Scheme, Template, Url, parse_headers};
 
 /// Connections per worker process when `--workers` is not given.
 const CONNS_PER_WORKER: u64 = 15_000;
@@ -49,6 +51,7 @@ pub enum Job {
     Chat(ChatJob),
     Idle(IdleJob),
     Connect(ConnectJob),
+    Soak(SoakJob),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,6 +93,33 @@ pub struct ConnectJob {
     pub concurrency: u32,
 }
 
+/// The soak: workers hold and churn the connections; the parent (`soak.rs`) publishes,
+/// probes and samples the server's metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SoakJob {
+    pub connections: u64,
+    pub topics: u64,
+    /// Churned connections per second, over all workers.
+    pub churn_rate: f64,
+    pub mix: Mix,
+    pub slow_topics: u64,
+    pub slow_stall: Duration,
+    /// How long the workers may take to get every connection open (at the start, and after
+    /// the churn); and the parent, the server's gauge back to the baseline's count.
+    pub recover_timeout: Duration,
+    /// The parent's part.
+    pub publish_url: String,
+    pub metrics_url: String,
+    pub publish_rate: f64,
+    pub size: usize,
+    pub slow_rate: f64,
+    pub slow_size: usize,
+    pub sample_interval: Duration,
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+    pub settle: Duration,
+}
+
 /// Parent to worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToWorker {
@@ -101,6 +131,8 @@ pub enum ToWorker {
     Expected(Vec<u64>),
     /// Chat: send round `n`.
     Round(u64),
+    /// Soak: stop churning, get every connection open again, then `Ready`.
+    Calm,
     Stop,
 }
 
@@ -164,6 +196,10 @@ pub struct WorkerResult {
     pub cpu_window_wall_s: f64,
     /// Per subscriber URL, in `--url` order; empty with a single URL.
     pub by_server: Vec<ServerPart>,
+    /// Soak: connections told to leave, by way (`abrupt`, `close`, `slow`).
+    pub churned: BTreeMap<String, u64>,
+    /// Soak: churn ticks that found no open connection to churn.
+    pub churn_missed: u64,
 }
 
 /// One subscriber URL's share of a worker's result.
@@ -197,6 +233,7 @@ impl Plan {
             Scenario::Chat(a) => chat_job(a)?,
             Scenario::Idle(a) => idle_job(a)?,
             Scenario::Connect(a) => connect_job(a),
+            Scenario::Soak(a) => soak_job(a)?,
         };
         let workers = match common.workers {
             Some(w) => w,
@@ -303,6 +340,71 @@ fn connect_job(a: &ConnectArgs) -> (Job, u64) {
     )
 }
 
+fn soak_job(a: &SoakArgs) -> Result<(Job, u64), Error> {
+    let first = a
+        .common
+        .urls
+        .first()
+        .ok_or_else(|| Error::BadArgs("--url: at least one is needed".into()))?;
+    let derived = |path: &str| soak::http_url(first, path);
+    let publish_url = match &a.publish_url {
+        Some(u) => u.clone(),
+        None => derived("/publish/{topic}")?,
+    };
+    if Template::new(&publish_url)?.url("t")?.scheme != Scheme::Http {
+        return Err(Error::BadArgs(format!(
+            "--publish-url {publish_url}: must be an http:// URL"
+        )));
+    }
+    let metrics_url = match &a.metrics_url {
+        Some(u) => u.clone(),
+        None => derived("/metrics")?,
+    };
+    if Url::parse(&metrics_url)?.scheme != Scheme::Http {
+        return Err(Error::BadArgs(format!(
+            "--metrics-url {metrics_url}: must be an http:// URL"
+        )));
+    }
+    for (name, rate) in [
+        ("--churn-rate", a.churn_rate),
+        ("--publish-rate", a.publish_rate),
+        ("--slow-rate", a.slow_rate),
+    ] {
+        if !(rate >= 0.0 && rate.is_finite()) {
+            return Err(Error::BadArgs(format!(
+                "{name} {rate}: expected a number of messages or connections per second, 0 or more"
+            )));
+        }
+    }
+    if a.probe_interval.is_zero() || a.sample_interval.is_zero() {
+        return Err(Error::BadArgs(
+            "--probe-interval and --sample-interval must be above 0".into(),
+        ));
+    }
+    Ok((
+        Job::Soak(SoakJob {
+            connections: u64::from(a.connections),
+            topics: u64::from(a.topics),
+            churn_rate: a.churn_rate,
+            mix: a.mix,
+            slow_topics: u64::from(a.slow_topics),
+            slow_stall: a.slow_stall,
+            recover_timeout: a.recover_timeout,
+            publish_url,
+            metrics_url,
+            publish_rate: a.publish_rate,
+            size: a.size as usize,
+            slow_rate: a.slow_rate,
+            slow_size: a.slow_size,
+            sample_interval: a.sample_interval,
+            probe_interval: a.probe_interval,
+            probe_timeout: a.probe_timeout,
+            settle: a.settle,
+        }),
+        u64::from(a.connections),
+    ))
+}
+
 /// The first line a worker process reads on stdin.
 #[derive(Debug, Serialize, Deserialize)]
 struct WorkerSpec {
@@ -396,7 +498,7 @@ fn parent_pipes() -> Result<(pipe::Receiver, pipe::Sender), Error> {
 }
 
 /// The parent's handles on its workers: one channel in, one merged channel out.
-struct Workers {
+pub(crate) struct Workers {
     to: Vec<mpsc::UnboundedSender<ToWorker>>,
     from: mpsc::UnboundedReceiver<(usize, FromWorker)>,
     progress: Vec<Progress>,
@@ -512,13 +614,13 @@ impl Workers {
         })
     }
 
-    fn send_all(&self, msg: &ToWorker) {
+    pub(crate) fn send_all(&self, msg: &ToWorker) {
         for tx in &self.to {
             let _ = tx.send(msg.clone());
         }
     }
 
-    fn total(&self) -> Progress {
+    pub(crate) fn total(&self) -> Progress {
         self.progress
             .iter()
             .fold(Progress::default(), |a, p| Progress {
@@ -532,7 +634,7 @@ impl Workers {
 
     /// The next message that is not progress (progress is folded in). A worker's failure is
     /// an error; `Done` after it has sent one is kept for `results`.
-    async fn next(&mut self, bar: &report::Bar) -> Result<(usize, FromWorker), Error> {
+    pub(crate) async fn next(&mut self, bar: &report::Bar) -> Result<(usize, FromWorker), Error> {
         loop {
             let Some((i, msg)) = self.from.recv().await else {
                 return Err(Error::Worker {
@@ -554,7 +656,7 @@ impl Workers {
     }
 
     /// Waits until every worker has sent a message `pick` accepts.
-    async fn gather<T>(
+    pub(crate) async fn gather<T>(
         &mut self,
         bar: &report::Bar,
         mut pick: impl FnMut(FromWorker) -> Option<T>,
@@ -613,6 +715,13 @@ async fn orchestrate(plan: Plan, scenario: Scenario, common: CommonArgs) -> Resu
         tokio::time::sleep(job.settle).await;
         extra.server_after_connect = Some(ServerSample::take(pid));
     }
+    // The soak's baseline: the connections open and settled, publishes and probes running.
+    let mut soak = match &plan.job {
+        Job::Soak(job) => {
+            Some(soak::Soak::baseline(&plan, job, &mut workers, &bar, common.quiet).await?)
+        }
+        _ => None,
+    };
     let t0_ns = now_ns();
     let t0 = Instant::now();
     workers.send_all(&ToWorker::Start { t0_ns });
@@ -624,6 +733,12 @@ async fn orchestrate(plan: Plan, scenario: Scenario, common: CommonArgs) -> Resu
         Job::Chat(job) => chat_phases(&plan, job, &mut workers, &bar, &mut extra).await?,
         Job::Idle(_) => {
             tokio::time::sleep(plan.duration).await;
+            Window::since(t0)
+        }
+        Job::Soak(_) => {
+            if let Some(soak) = soak.as_mut() {
+                soak.churn_and_recover(&plan, &mut workers, &bar).await?;
+            }
             Window::since(t0)
         }
         Job::Connect(job) => {
@@ -641,6 +756,7 @@ async fn orchestrate(plan: Plan, scenario: Scenario, common: CommonArgs) -> Resu
     let server_at_end = pid.map(ServerSample::take);
     let results = workers.results(&bar).await?;
     bar.finish();
+    extra.soak = soak.map(soak::Soak::finish);
     let (u1, s1) = sys::self_cpu();
     let parent_cpu = (u1 + s1).saturating_sub(cpu_before.0 + cpu_before.1);
     extra.server = match (server_before, server_at_start, server_at_end) {
@@ -847,9 +963,34 @@ mod tests {
             &["fanout", "--rate", "0"],
             &["chat", "--rounds", "0"],
             &["idle", "--url", "nope"],
+            &["soak", "--url", "wss://h/{topic}"],
+            &["soak", "--publish-url", "ws://h/{topic}"],
+            &["soak", "--metrics-url", "https://h/metrics"],
+            &["soak", "--churn-rate", "-1"],
+            &["soak", "--mix", "abrupt=0"],
+            &["soak", "--mix", "fast=1"],
+            &["soak", "--probe-interval", "0s"],
         ] {
             assert!(plan(args).unwrap_err().is_bad_args(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn soak_derives_its_http_urls_from_the_first_url() {
+        let p = plan(&[
+            "soak",
+            "--url",
+            "ws://10.0.0.1:9000/ws/{topic}",
+            "--mix",
+            "close=1",
+        ])
+        .unwrap();
+        let Job::Soak(k) = p.job else { panic!() };
+        assert_eq!(k.publish_url, "http://10.0.0.1:9000/publish/{topic}");
+        assert_eq!(k.metrics_url, "http://10.0.0.1:9000/metrics");
+        assert_eq!((k.mix.abrupt, k.mix.close, k.mix.slow), (0, 1, 0));
+        // One worker per 15,000 connections, as for the other scenarios.
+        assert_eq!((k.connections, p.workers), (15_000, 1));
     }
 
     #[test]

@@ -111,6 +111,14 @@ impl Collector for Snapshot {
             "The --max-connections limit",
             s.max_connections as i64,
         )?;
+        if let Some(tasks) = s.tokio_tasks {
+            gauge(
+                &mut enc,
+                "tokio_tasks",
+                "Tasks alive on the tokio runtime (connection readers, shards, HTTP connections)",
+                tasks as i64,
+            )?;
+        }
         {
             let mut m = enc.encode_descriptor(
                 "build_info",
@@ -324,6 +332,7 @@ mod tests {
         let mut stats = Stats {
             ready: true,
             max_connections: 500,
+            tokio_tasks: Some(42),
             process: Some(Process {
                 open_fds: 12,
                 max_fds: 1024,
@@ -379,6 +388,7 @@ mod tests {
             "shardcast_connections{shard=\"1\"} 4",
             "shardcast_ready 1\n",
             "shardcast_max_connections 500\n",
+            "shardcast_tokio_tasks 42\n",
             "shardcast_build_info{version=\"",
             "\nprocess_open_fds 12\n",
             "\nprocess_max_fds 1024\n",

@@ -68,6 +68,9 @@ pub struct Stats {
     pub process: Option<crate::process::Process>,
     /// The JWKS fetches; `None` without `--jwt-jwks-url`.
     pub jwks: Option<crate::JwksStats>,
+    /// Tasks alive on the runtime that took the scrape (readers, shards, TLS pumps, hyper's
+    /// connections...); `None` outside a runtime. A soak test watches it return to baseline.
+    pub tokio_tasks: Option<u64>,
 }
 
 impl Deref for Stats {
@@ -266,6 +269,9 @@ impl Relay {
             max_connections: self.shared.config.max_connections,
             process: crate::process::Process::read(),
             jwks: self.shared.auth.jwks_stats(),
+            tokio_tasks: tokio::runtime::Handle::try_current()
+                .ok()
+                .map(|h| h.metrics().num_alive_tasks() as u64),
         }
     }
 

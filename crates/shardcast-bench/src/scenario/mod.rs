@@ -10,6 +10,7 @@ mod chat;
 mod connect;
 mod fanout;
 mod idle;
+mod soak;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -586,6 +587,7 @@ pub async fn run(plan: Plan, index: u32, mut link: Link) -> Result<WorkerResult,
         Job::Chat(job) => chat::run(&ctx, &job, &mut link).await,
         Job::Idle(_) => idle::run(&ctx, &mut link).await,
         Job::Connect(job) => connect::run(&ctx, &job, &mut link).await,
+        Job::Soak(job) => soak::run(&ctx, &job, &mut link).await,
     };
     progress.abort();
     result
