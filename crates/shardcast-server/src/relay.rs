@@ -68,7 +68,7 @@ pub struct Stats {
     pub process: Option<crate::process::Process>,
     /// The JWKS fetches; `None` without `--jwt-jwks-url`.
     pub jwks: Option<crate::JwksStats>,
-    /// Tasks alive on the runtime that took the scrape (readers, shards, TLS pumps, hyper's
+    /// Tasks alive on the runtime that took the scrape (readers, shards, the bus, hyper's
     /// connections...); `None` outside a runtime. A soak test watches it return to baseline.
     pub tokio_tasks: Option<u64>,
 }
