@@ -311,13 +311,8 @@ pub async fn read_101(s: &mut (impl AsyncRead + Unpin)) {
     );
 }
 
-/// Client frame opcodes (RFC 6455 §5.2).
-pub const OP_CONT: u8 = 0x0;
-pub const OP_TEXT: u8 = 0x1;
-pub const OP_BINARY: u8 = 0x2;
-pub const OP_CLOSE: u8 = 0x8;
-pub const OP_PING: u8 = 0x9;
-pub const OP_PONG: u8 = 0xA;
+/// Frame opcodes (RFC 6455 §5.2), as the load generator's client names them.
+pub use shardcast_bench::client::{OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 
 pub use shardcast::frame::client_frame;
 
