@@ -216,6 +216,22 @@ impl Engine {
         opcode: Opcode,
         payload: &[u8],
     ) -> Result<usize, Error> {
+        self.publish_skipping(source, topic, opcode, payload, None)
+            .await
+    }
+
+    /// As [`Engine::publish`], except that the connection `skip` (the publisher, when its
+    /// protocol asks not to hear its own messages) does not receive it. The frame is still
+    /// encoded once and shared: the shard marks it in the ring, and that connection's
+    /// writes step over it.
+    pub async fn publish_skipping(
+        &self,
+        source: Source,
+        topic: &Topic,
+        opcode: Opcode,
+        payload: &[u8],
+        skip: Option<Slot>,
+    ) -> Result<usize, Error> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -240,6 +256,8 @@ impl Engine {
             let msg = ShardMsg::Publish {
                 topic: topic.clone(),
                 frame: Bytes::clone(&frame),
+                // Connection ids are unique across shards: other shards never match it.
+                skip: skip.map(|s| s.id),
                 at,
             };
             if inner.shards[i].send(msg).await.is_err() {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::{ConnShared, Shard, ShardMsg, shard_handle};
+use super::{ConnShared, Shard, ShardMsg};
 use crate::Topic;
 use crate::config::EngineConfig;
 use crate::frame;
@@ -59,21 +59,14 @@ impl FanoutFixture {
         }
     }
 
-    /// Pushes one frame onto every subscriber's queue: what a shard does per publish.
+    /// Appends one frame to the subscribers' ring: what a shard does per publish.
     pub fn publish(&mut self) {
-        self.shard
-            .fan_out(&self.topic, &shard_handle(self.frame.clone()));
+        self.shard.fan_out(&self.topic, &self.frame, None);
     }
 
     /// As [`FanoutFixture::publish`], with `frame` (shared with other threads).
-    /// `own_handle: false` skips the shard's own handle, as the shard did before it had one.
-    pub fn publish_frame(&mut self, frame: &Bytes, own_handle: bool) {
-        if own_handle {
-            self.shard
-                .fan_out(&self.topic, &shard_handle(frame.clone()));
-        } else {
-            self.shard.fan_out(&self.topic, frame);
-        }
+    pub fn publish_frame(&mut self, frame: &Bytes) {
+        self.shard.fan_out(&self.topic, frame, None);
     }
 
     /// The frame [`FanoutFixture::publish`] sends.
@@ -81,14 +74,23 @@ impl FanoutFixture {
         self.frame.clone()
     }
 
-    /// Empties every queue, as writing them to sockets would.
+    /// Moves every cursor to the head of its ring, as writing to sockets would.
     pub fn drain(&mut self) {
-        for (_, c) in self.shard.clients.iter_mut() {
-            c.queue.clear();
-            c.queued = 0;
+        let shard = &mut self.shard;
+        for (_, c) in shard.clients.iter_mut() {
+            if let Some(ring) = c.ring.and_then(|r| shard.rings.get_mut(r as usize))
+                && c.out.cursor < ring.head()
+            {
+                c.out.cursor = ring.head();
+                ring.caught_up();
+            }
             c.dirty = false;
         }
-        self.shard.dirty.clear();
+        for (_, ring) in shard.rings.iter_mut() {
+            ring.dirty = false;
+        }
+        shard.dirty.clear();
+        shard.dirty_rings.clear();
     }
 
     /// Frames delivered so far.

@@ -4,7 +4,7 @@
 //!
 //! What does not live here: the timers that start or end closes (pong deadline, write check,
 //! close deadline, drain: `timers.rs`), the budget check that finds slow consumers
-//! (`mod.rs`, `fan_out`), and the send queue itself (`queue.rs`).
+//! (`mod.rs`, `check_ring`), and the rings and outboxes themselves (`ring.rs`).
 
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
@@ -20,7 +20,8 @@ pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 pub(super) enum Phase {
     Open,
-    /// A close frame is queued. The client is out of every topic.
+    /// A close frame is queued after what is left of the backlog, in the side queue. The
+    /// client is off its ring.
     Closing {
         why: DisconnectReason,
         reader_gone: bool,
@@ -69,9 +70,10 @@ impl Shard {
         }
     }
 
-    /// Starts closing a client: out of every topic, queue the close frame, and give it `grace`
-    /// to flush. A slow consumer's backlog is discarded first (except a half-written frame,
-    /// which must be finished for the close frame to be readable).
+    /// Starts closing a client: its backlog moves out of its ring into its side queue, the
+    /// close frame after it, and it gets `grace` to flush. A slow consumer's backlog is
+    /// discarded first (except a half-written frame, which must be finished for the close
+    /// frame to be readable).
     pub(super) fn begin_close(
         &mut self,
         key: usize,
@@ -94,16 +96,16 @@ impl Shard {
         // Counted when the reason is decided; `finalize` counts only clients never closed.
         self.disconnects.record(why);
         let c = &mut self.clients[key];
-        if why == DisconnectReason::SlowConsumer {
-            c.discard_backlog();
-        }
         let id = c.id;
         let attached = c.stream.is_some();
-        c.push(frame::close(code, reason));
-        let topics = c.topics.clone();
-        for topic in topics.iter() {
-            self.unsubscribe(topic, key);
+        if let Some(ring) = c.ring.and_then(|r| self.rings.get(r as usize)) {
+            // The backlog goes ahead of the close frame; a slow consumer's is discarded
+            // except the rest of a half-written frame.
+            let all = why != DisconnectReason::SlowConsumer;
+            c.out.detach(ring, id, all);
         }
+        c.out.push_side(frame::close(code, reason));
+        self.leave_ring(key);
         if !attached {
             self.finalize(key, why);
             return;
@@ -147,13 +149,12 @@ impl Shard {
 
     /// Frees a client: its topics, its queue, its socket and its admission.
     pub(super) fn finalize(&mut self, key: usize, why: DisconnectReason) {
-        let Some(c) = self.clients.try_remove(key) else {
+        if !self.clients.contains(key) {
             return;
-        };
+        }
+        self.leave_ring(key);
+        let c = self.clients.remove(key);
         if c.is_open() {
-            for topic in c.topics.iter() {
-                self.unsubscribe(topic, key);
-            }
             self.disconnects.record(why);
         }
         c.conn.closing.store(true, Ordering::Release);

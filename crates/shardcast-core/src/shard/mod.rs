@@ -1,23 +1,28 @@
-//! A hub shard: the task that alone owns a share of the clients, their send queues, its
-//! `topic -> clients` index and its timer wheel. This file holds the shard's state, its run
-//! loop, its message handler, fan-out and flushing. Its parts live beside it: the per-client
-//! send queue in `queue.rs`, closes and slow consumers in `lifecycle.rs`, timers, the drain
-//! and shutdown in `timers.rs`, the bench fixture in `fixture.rs`, the unit tests in
-//! `tests.rs`. Reading client sockets lives in the server crate; choosing shards and encoding
-//! frames live in `engine.rs` and `frame.rs`.
+//! A hub shard: the task that alone owns a share of the clients, the topic rings they read
+//! from, its `topic -> rings` index and its timer wheel. This file holds the shard's state,
+//! its run loop, its message handler, fan-out and flushing. Its parts live beside it: the
+//! rings and each client's outbox in `ring.rs`, the write loop in `queue.rs`, closes and slow
+//! consumers in `lifecycle.rs`, timers, the drain and shutdown in `timers.rs`, the bench
+//! fixture in `fixture.rs`, the unit tests in `tests.rs`. Reading client sockets lives in the
+//! server crate; choosing shards and encoding frames live in `engine.rs` and `frame.rs`.
 //!
-//! The shard never awaits a socket. After each batch of inbox messages it flushes every client
-//! the batch touched with non-blocking vectored writes (one `writev` carries up to 1024
-//! frames, so a batch usually costs one syscall per client) and, when the kernel buffer is
-//! full, parks a readiness future for that client and moves on. A flush round yields between
-//! slices of clients and takes the publishes made meanwhile, unless the queues are deep.
+//! A publish appends its frame once to each ring whose topic set contains the topic; a
+//! client is a cursor into its ring. The shard never awaits a socket. After each batch of
+//! inbox messages it visits the subscribers of every ring the batch appended to and hands
+//! each its backlog in one non-blocking write, whatever the number of frames; when the
+//! kernel buffer is full it parks a readiness future for that client and moves on. A flush
+//! round yields between slices of clients and takes the publishes made meanwhile, unless
+//! the rings are deep.
 
 mod lifecycle;
 mod queue;
+mod ring;
 mod timers;
 
 #[cfg(feature = "internals")]
 mod fixture;
+#[cfg(test)]
+mod ring_tests;
 #[cfg(test)]
 mod tests;
 
@@ -32,7 +37,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use indexmap::IndexSet;
 use slab::Slab;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -41,6 +45,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 pub use self::fixture::FanoutFixture;
 use self::lifecycle::{CLOSE_GRACE, Phase, closing_reason};
 use self::queue::Flush;
+use self::ring::{Outbox, Ring};
 use self::timers::{Drain, Timer, TimerKind};
 use crate::config::EngineConfig;
 use crate::interest::Interest;
@@ -54,7 +59,7 @@ const BATCH: usize = 256;
 /// Clients a shard flushes before it lets the other tasks on its thread run and takes the
 /// publishes they made meanwhile (see `Shard::flush_round`).
 const FLUSH_SLICE: usize = 256;
-/// Frames per client above which a flush round stops taking publishes mid-round: the shard is
+/// Frames in a ring above which a flush round stops taking publishes mid-round: the shard is
 /// behind (see `Shard::flush_round`).
 const DEEP_QUEUE: usize = 64;
 /// Capacity of each shard's inbox.
@@ -100,6 +105,8 @@ pub enum ShardMsg {
     Publish {
         topic: Topic,
         frame: Bytes,
+        /// The id of a connection that must not receive it (the publisher, when it asks).
+        skip: Option<u64>,
         /// When the publish function took the message, for `publish_fanout_seconds`.
         at: Instant,
     },
@@ -162,29 +169,21 @@ pub struct ShardStats {
 
 /// One client as its shard sees it.
 ///
-/// Invariants: `queued` is the sum of the lengths of `queue`'s frames; `queued` never exceeds
-/// the send budget except by the close frame queued when a close starts; `head_partial` is true
-/// only while the front frame has been partly written.
-///
-/// The send queue's fields (`queue`, `recent_peak`, `queued`, `head_partial`) are written
-/// only by `queue.rs` (and the bench fixture's `drain`). They stay flat in `Client`: a nested
-/// struct's padding would grow `Client` from 128 to 136 bytes, and fan-out to 100k clients
-/// with it.
+/// Invariants: while the client is open, `ring` names the ring of its topic set, it is in
+/// that ring's `subs` at `sub_index`, and `out.cursor` is a position in that ring; once a
+/// close has begun, `ring` is `None` and everything it still has to write is in
+/// `out.side`. Its unsent bytes (`Outbox::unsent`) never exceed the send budget for longer
+/// than the batch that finds it over, except by the close frame queued when a close starts.
 struct Client {
     id: u64,
-    /// `None` until the HTTP upgrade completes; frames queue up meanwhile.
+    /// `None` until the HTTP upgrade completes; the backlog waits in the ring meanwhile.
     stream: Option<Arc<Socket>>,
     conn: Arc<ConnShared>,
-    topics: Box<[Topic]>,
-    queue: VecDeque<Bytes>,
-    /// The most frames `queue` held at the start of a write since it was last drained.
-    /// A drained queue keeps its slots while the previous burst used a good share of them,
-    /// so a client that gets hundreds of frames per flush does not reallocate its queue
-    /// from empty every flush; it is freed once a drain finds it mostly unused.
-    recent_peak: usize,
-    queued: usize,
-    head_partial: bool,
-    /// Already in the shard's dirty list.
+    /// Key of the client's ring in `Shard::rings` while it is open.
+    ring: Option<u32>,
+    sub_index: u32,
+    out: Outbox,
+    /// Already in the shard's list of clients to flush.
     dirty: bool,
     /// Over budget during the current batch; dropped as a slow consumer after it.
     doomed: bool,
@@ -207,16 +206,27 @@ pub(crate) struct Shard {
     /// The node's interest map: this shard writes only its own bit (see `Interest`).
     interest: Arc<Interest>,
     clients: Slab<Client>,
-    /// Local subscribers of each topic (slab keys). Invariant: a topic has an entry iff the set
+    /// One ring per distinct topic set of this shard's open clients (see `ring.rs`). A ring
+    /// exists iff it has a subscriber.
+    rings: Slab<Ring>,
+    /// The ring of each topic set (sorted, without duplicates).
+    ring_of: HashMap<Box<[Topic]>, u32>,
+    /// The rings each topic's publishes go to. Invariant: a topic has an entry iff the list
     /// is non-empty, iff this shard's bit is set in the engine's interest map.
-    topics: HashMap<Topic, IndexSet<usize>>,
+    topics: HashMap<Topic, Vec<u32>>,
     wheel: TimerWheel<Timer>,
     fired: Vec<Timer>,
     writable: FuturesUnordered<Waiter>,
-    /// Clients with something to write, in the order they will be flushed. Invariant: a
-    /// client is in it iff its `dirty` flag is set (a key freed and reused while queued may
-    /// appear twice; flushing it twice is harmless).
+    /// Clients with something of their own to write (side frames, a close, a new socket),
+    /// in the order they will be flushed. Invariant: a client is in it iff its `dirty` flag
+    /// is set (a key freed and reused while queued may appear twice; flushing it twice is
+    /// harmless).
     dirty: VecDeque<usize>,
+    /// Rings with frames their subscribers may not have written yet. Invariant: a ring is in
+    /// it iff its `dirty` flag is set (as for `dirty`, a reused key may appear twice).
+    dirty_rings: VecDeque<u32>,
+    /// Rings whose head passed their budget mark during this batch (`Ring::check_at`).
+    checks: Vec<u32>,
     doomed: Vec<usize>,
     start: Instant,
     tick: Duration,
@@ -249,11 +259,15 @@ impl Shard {
             config,
             interest,
             clients: Slab::new(),
+            rings: Slab::new(),
+            ring_of: HashMap::new(),
             topics: HashMap::new(),
             wheel: TimerWheel::new(1024),
             fired: Vec::new(),
             writable: FuturesUnordered::new(),
             dirty: VecDeque::new(),
+            dirty_rings: VecDeque::new(),
+            checks: Vec::new(),
             doomed: Vec::new(),
             start: Instant::now(),
             tick,
@@ -289,8 +303,8 @@ impl Shard {
                     self.collect(&mut inbox, 1).await;
                     self.flush_round(&mut inbox).await;
                 }
-                // Clients that got frames after this round had flushed them: the next round.
-                _ = std::future::ready(()), if !self.dirty.is_empty() => {
+                // Frames that came after this round had flushed their clients: the next round.
+                _ = std::future::ready(()), if self.has_dirty() => {
                     self.collect(&mut inbox, 0).await;
                     self.flush_round(&mut inbox).await;
                 }
@@ -301,6 +315,10 @@ impl Shard {
             }
         }
         tracing::debug!(shard = self.index, "shard stopped");
+    }
+
+    fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty() || !self.dirty_rings.is_empty()
     }
 
     /// Handles what waits in the inbox, up to `BATCH` messages in all (`handled` so far). Once
@@ -314,7 +332,7 @@ impl Shard {
                     self.handle(msg);
                     handled += 1;
                 }
-                Err(_) if !yielded && !self.dirty.is_empty() => {
+                Err(_) if !yielded && self.has_dirty() => {
                     yielded = true;
                     tokio::task::yield_now().await;
                 }
@@ -323,42 +341,94 @@ impl Shard {
         }
     }
 
-    /// One flush round: closes the slow consumers found so far, then flushes the clients that
-    /// are dirty now, `FLUSH_SLICE` at a time. Between slices it yields, so the readers on
-    /// this thread run, and handles what they published meanwhile: a frame published
-    /// mid-round joins the queues of the clients the round has not reached yet and goes out
-    /// in this round's write to them, instead of waiting for the round to end. The clients
-    /// already flushed get it in the next round. With 10,000 subscribers on one core a round
-    /// takes tens of milliseconds, so this about halves the time a frame waits. A round
-    /// flushes at most the clients dirty at its start, so a steady stream of publishes cannot
-    /// keep it from returning to the timers and the writable futures.
+    /// One flush round: closes the slow consumers found so far, flushes the clients with
+    /// frames of their own, then the subscribers of every ring that is dirty now,
+    /// `FLUSH_SLICE` at a time. Between slices it yields, so the readers on this thread run,
+    /// and handles what they published meanwhile: a frame appended mid-round reaches the
+    /// subscribers the round has not visited yet in this round's write to them, instead of
+    /// waiting for the round to end; the ones already visited get it in the next round. With
+    /// 10,000 subscribers on one core a round takes milliseconds, so this about halves the
+    /// time a frame waits. A round visits at most the rings dirty at its start, so a steady
+    /// stream of publishes cannot keep it from returning to the timers and writable futures.
     async fn flush_round(&mut self, inbox: &mut mpsc::Receiver<ShardMsg>) {
         self.close_doomed();
-        let mut left = self.dirty.len();
-        let (mut flushed, mut frames) = (0, 0);
-        loop {
-            let slice = left.min(FLUSH_SLICE);
-            frames += self.flush_dirty(slice);
-            flushed += slice;
-            left -= slice;
-            if left == 0 || self.dirty.is_empty() {
+        self.flush_dirty(self.dirty.len());
+        for _ in 0..self.dirty_rings.len() {
+            let Some(r) = self.dirty_rings.pop_front() else {
                 break;
-            }
-            if frames > flushed * DEEP_QUEUE {
-                // Deep queues: the shard is behind, and throughput, not latency, is what
-                // counts. Frames taken mid-round would only lengthen the queues this round
-                // has yet to write (and the round with them), so finish it as one batch.
-                self.flush_dirty(left);
-                break;
-            }
-            tokio::task::yield_now().await;
-            for _ in 0..BATCH {
-                match inbox.try_recv() {
-                    Ok(msg) => self.handle(msg),
-                    Err(_) => break,
+            };
+            let Some(ring) = self.rings.get_mut(r as usize) else {
+                continue;
+            };
+            ring.dirty = false;
+            let mut next = 0;
+            loop {
+                next = self.flush_ring(r, next, FLUSH_SLICE);
+                let Some(ring) = self.rings.get(r as usize) else {
+                    break;
+                };
+                if next >= ring.subs.len() {
+                    break;
                 }
+                if ring.frames() > DEEP_QUEUE {
+                    // A deep backlog: the shard is behind, and throughput, not latency, is
+                    // what counts. Frames taken mid-round would only lengthen the writes
+                    // this round has yet to make (and the round with them): no yield.
+                    continue;
+                }
+                tokio::task::yield_now().await;
+                for _ in 0..BATCH {
+                    match inbox.try_recv() {
+                        Ok(msg) => self.handle(msg),
+                        Err(_) => break,
+                    }
+                }
+                self.close_doomed();
+                self.flush_dirty(self.dirty.len());
             }
-            self.close_doomed();
+        }
+    }
+
+    /// Flushes up to `n` subscribers of ring `r` from position `from` of its list, skipping
+    /// those with nothing to write or a readiness future parked. Returns the position to go
+    /// on from.
+    fn flush_ring(&mut self, r: u32, from: usize, n: usize) -> usize {
+        let mut i = from;
+        let end = from.saturating_add(n);
+        while i < end {
+            let Some(ring) = self.rings.get(r as usize) else {
+                return usize::MAX;
+            };
+            let Some(&key) = ring.subs.get(i) else {
+                return i;
+            };
+            let head = ring.head();
+            let c = &self.clients[key];
+            let idle = c.out.cursor == head && c.out.side.is_empty();
+            if idle || c.waiting_writable || c.doomed || c.stream.is_none() {
+                i += 1;
+                continue;
+            }
+            self.flush(key);
+            // A client freed by a failed write was swapped out of the list: the one that
+            // took its place is visited next.
+            let same = self.rings.get(r as usize).and_then(|r| r.subs.get(i)) == Some(&key);
+            if same {
+                i += 1;
+            }
+        }
+        i
+    }
+
+    /// Flushes every dirty client and ring at once, with no yield (timers, shutdown).
+    fn end_batch(&mut self) {
+        self.close_doomed();
+        self.flush_dirty(usize::MAX);
+        while let Some(r) = self.dirty_rings.pop_front() {
+            if let Some(ring) = self.rings.get_mut(r as usize) {
+                ring.dirty = false;
+                self.flush_ring(r, 0, usize::MAX);
+            }
         }
     }
 
@@ -376,8 +446,13 @@ impl Shard {
 
     fn handle(&mut self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Publish { topic, frame, at } => {
-                self.fan_out(&topic, &shard_handle(frame));
+            ShardMsg::Publish {
+                topic,
+                frame,
+                skip,
+                at,
+            } => {
+                self.fan_out(&topic, &frame, skip);
                 self.publish_fanout.observe(at.elapsed().as_secs_f64());
             }
             ShardMsg::Reserve {
@@ -395,11 +470,9 @@ impl Shard {
                     id,
                     stream: None,
                     conn,
-                    topics: topics.clone(),
-                    queue: VecDeque::new(),
-                    queued: 0,
-                    head_partial: false,
-                    recent_peak: 0,
+                    ring: None,
+                    sub_index: 0,
+                    out: Outbox::default(),
                     dirty: false,
                     doomed: false,
                     waiting_writable: false,
@@ -409,9 +482,7 @@ impl Shard {
                     _guard: guard,
                 });
                 self.opened += 1;
-                for topic in topics.iter() {
-                    self.subscribe(topic, key);
-                }
+                self.join_ring(key, topics);
                 if let Some(at) = expires {
                     // Kept in the wheel, not in `Client`: most clients never need it.
                     let kind = TimerKind::Expiry;
@@ -472,7 +543,7 @@ impl Shard {
                         why, reader_gone, ..
                     } => {
                         *reader_gone = true;
-                        (c.queue.is_empty() || c.stream.is_none()).then_some(*why)
+                        (c.out.side.is_empty() || c.stream.is_none()).then_some(*why)
                     }
                 };
                 if let Some(why) = free_now {
@@ -481,14 +552,17 @@ impl Shard {
             }
             ShardMsg::Stats(reply) => {
                 let mut send_queue = Histogram::new(QUEUE_BOUNDS);
+                let mut queued_bytes = 0;
                 for (_, c) in self.clients.iter() {
-                    send_queue.observe(c.queued as f64);
+                    let unsent = c.out.unsent(self.ring_of_client(c));
+                    send_queue.observe(unsent as f64);
+                    queued_bytes += unsent;
                 }
                 let _ = reply.send(ShardStats {
                     connections: self.clients.len(),
                     opened: self.opened,
                     bytes_sent: self.bytes_sent,
-                    queued_bytes: self.clients.iter().map(|(_, c)| c.queued).sum(),
+                    queued_bytes,
                     peak_client_queued_bytes: self.peak_client_queued,
                     deliveries: self.deliveries,
                     disconnects: self.disconnects.clone(),
@@ -501,48 +575,100 @@ impl Shard {
         }
     }
 
-    /// Pushes one encoded frame onto the queue of every local subscriber of `topic`.
-    /// Per subscriber: a refcount increment and a queue slot; no copy and no lock. The only
-    /// syscall is for a client already at its budget, which gets one write before it is judged.
-    fn fan_out(&mut self, topic: &Topic, frame: &Bytes) {
-        let Some(subs) = self.topics.get(topic) else {
+    fn ring_of_client(&self, c: &Client) -> Option<&Ring> {
+        c.ring.and_then(|r| self.rings.get(r as usize))
+    }
+
+    /// Appends one encoded frame to the ring of every topic set that contains `topic`: one
+    /// copy per ring, whatever the number of subscribers, and no per-subscriber work. `skip`:
+    /// the id of a client that must not receive it. Rings whose head passed their budget
+    /// mark have their subscribers checked (`check_ring`).
+    fn fan_out(&mut self, topic: &Topic, frame: &[u8], skip: Option<u64>) {
+        let Some(rings) = self.topics.get(topic) else {
             return;
         };
-        let len = frame.len();
-        for &key in subs {
-            let c = &mut self.clients[key];
-            if c.doomed {
-                continue;
+        for &r in rings {
+            let ring = &mut self.rings[r as usize];
+            if ring.append(frame, skip) {
+                self.checks.push(r);
             }
-            if c.queued + len > self.budget {
-                // Give the kernel a chance first: a fast client in a burst is not slow.
-                if c.write_some(&mut self.bytes_sent).is_err() || c.queued + len > self.budget {
-                    c.doomed = true;
-                    self.doomed.push(key);
-                    continue;
-                }
+            self.deliveries += ring.subs.len() as u64;
+            if !ring.dirty {
+                ring.dirty = true;
+                self.dirty_rings.push_back(r);
             }
-            c.push(Bytes::clone(frame));
-            self.peak_client_queued = self.peak_client_queued.max(c.queued);
-            self.deliveries += 1;
-            if !c.dirty {
-                c.dirty = true;
-                self.dirty.push_back(key);
-            }
+        }
+        while let Some(r) = self.checks.pop() {
+            self.check_ring(r);
         }
     }
 
-    /// Queues a ping or pong. Control frames count against the budget like any other.
-    fn enqueue_control(&mut self, key: usize, frame: Bytes) {
-        let c = &mut self.clients[key];
-        // As in `fan_out`: one write attempt before a client at its budget is judged slow.
-        let full = |c: &Client| c.queued + frame.len() > self.budget;
-        if full(c) && (c.write_some(&mut self.bytes_sent).is_err() || full(c)) {
-            self.doom(key);
-        } else {
-            c.push(frame);
-            self.mark_dirty(key);
+    /// Finds the subscribers of ring `r` whose unsent bytes passed the budget, dooms them
+    /// (each gets one write first: a fast client in a burst is not slow), trims the ring to
+    /// its oldest cursor and sets the mark at which the next check is due: the first head at
+    /// which any survivor could pass the budget. Costs one pass over the subscribers, once
+    /// per budget's worth of bytes the slowest of them falls behind.
+    fn check_ring(&mut self, r: u32) {
+        let budget = self.budget as u64;
+        let Shard {
+            clients,
+            rings,
+            bytes_sent,
+            doomed,
+            peak_client_queued,
+            ..
+        } = self;
+        let Some(ring) = rings.get_mut(r as usize) else {
+            return;
+        };
+        let mut oldest = ring.head();
+        let mut mark = u64::MAX;
+        let mut i = 0;
+        while let Some(&key) = ring.subs.get(i) {
+            i += 1;
+            let c = &mut clients[key];
+            if !c.doomed && c.out.unsent(Some(ring)) as u64 > budget {
+                let failed = c.write_some(Some(ring), bytes_sent).is_err();
+                if failed || c.out.unsent(Some(ring)) as u64 > budget {
+                    c.doomed = true;
+                    doomed.push(key);
+                }
+            }
+            oldest = oldest.min(c.out.cursor);
+            if !c.doomed {
+                // A doomed client's backlog is over the budget by design: it never goes out.
+                *peak_client_queued = (*peak_client_queued).max(c.out.unsent(Some(ring)));
+                let at = (c.out.cursor + budget).saturating_sub(c.out.side_bytes as u64);
+                mark = mark.min(at);
+            }
         }
+        ring.trim(oldest);
+        ring.check_at = mark.min(ring.head() + budget);
+    }
+
+    /// Queues a ping or pong in the client's side queue. Control frames count against the
+    /// budget like any other.
+    fn enqueue_control(&mut self, key: usize, frame: Bytes) {
+        let budget = self.budget;
+        let c = &mut self.clients[key];
+        let mut ring = c.ring.and_then(|r| self.rings.get_mut(r as usize));
+        // As in `check_ring`: one write attempt before a client at its budget is judged slow.
+        let full = |c: &Client, ring: Option<&Ring>| c.out.unsent(ring) + frame.len() > budget;
+        if full(c, ring.as_deref())
+            && (c
+                .write_some(ring.as_deref_mut(), &mut self.bytes_sent)
+                .is_err()
+                || full(c, ring.as_deref()))
+        {
+            self.doom(key);
+            return;
+        }
+        c.out.push_side(frame);
+        if let Some(ring) = ring {
+            let at = (c.out.cursor + budget as u64).saturating_sub(c.out.side_bytes as u64);
+            ring.check_at = ring.check_at.min(at);
+        }
+        self.mark_dirty(key);
     }
 
     fn mark_dirty(&mut self, key: usize) {
@@ -553,30 +679,28 @@ impl Shard {
         }
     }
 
-    /// After a batch: drop the slow consumers it found, then flush every client it touched.
-    fn end_batch(&mut self) {
-        self.close_doomed();
-        self.flush_dirty(usize::MAX);
+    fn mark_ring_dirty(&mut self, r: u32) {
+        let ring = &mut self.rings[r as usize];
+        if !ring.dirty {
+            ring.dirty = true;
+            self.dirty_rings.push_back(r);
+        }
     }
 
-    /// Flushes up to `n` clients from the front of the dirty queue.
-    /// Returns how many frames those clients held when their flush began.
-    fn flush_dirty(&mut self, n: usize) -> usize {
-        let mut frames = 0;
+    /// Flushes up to `n` clients from the front of the dirty list.
+    fn flush_dirty(&mut self, n: usize) {
         for _ in 0..n {
             let Some(key) = self.dirty.pop_front() else {
                 break;
             };
             if let Some(c) = self.clients.get_mut(key) {
                 c.dirty = false;
-                frames += c.queue.len();
                 self.flush(key);
             }
         }
-        frames
     }
 
-    /// Writes what the client has queued; parks a readiness future if the kernel is full.
+    /// Writes what the client has to write; parks a readiness future if the kernel is full.
     fn flush(&mut self, key: usize) {
         let now = self.now_tick();
         let write_timeout = self.ticks(self.config.write_timeout);
@@ -584,8 +708,12 @@ impl Shard {
         if c.stream.is_none() {
             return;
         }
-        let before = c.queued;
-        match c.write_some(&mut self.bytes_sent) {
+        let mut ring = c.ring.and_then(|r| self.rings.get_mut(r as usize));
+        let before = c.out.unsent(ring.as_deref());
+        if !c.doomed {
+            self.peak_client_queued = self.peak_client_queued.max(before);
+        }
+        match c.write_some(ring.as_deref_mut(), &mut self.bytes_sent) {
             Ok(Flush::Drained) => {
                 c.stalled_since = None;
                 if !c.is_open() {
@@ -595,7 +723,7 @@ impl Shard {
             Ok(Flush::Blocked) => {
                 let id = c.id;
                 let first_stall = c.stalled_since.is_none();
-                if first_stall || c.queued < before {
+                if first_stall || c.out.unsent(ring.as_deref()) < before {
                     c.stalled_since = Some(now);
                 }
                 if !c.write_check_pending {
@@ -633,30 +761,68 @@ impl Shard {
         }
     }
 
-    fn subscribe(&mut self, topic: &Topic, key: usize) {
-        let subs = self.topics.entry(topic.clone()).or_default();
-        if subs.is_empty() {
-            self.interest.join(topic, self.index);
-        }
-        subs.insert(key);
+    /// Subscribes a new client to `topics`: it becomes a cursor at the head of the ring of
+    /// that topic set, made now if no client of this shard has the same set.
+    fn join_ring(&mut self, key: usize, topics: Box<[Topic]>) {
+        let mut set = topics.into_vec();
+        set.sort();
+        set.dedup();
+        let set = set.into_boxed_slice();
+        let r = match self.ring_of.get(&set) {
+            Some(&r) => r,
+            None => {
+                let ring = Ring::new(set.clone(), self.budget);
+                let r = u32::try_from(self.rings.insert(ring))
+                    .expect("fewer than 2^32 rings per shard");
+                for topic in set.iter() {
+                    let list = self.topics.entry(topic.clone()).or_default();
+                    if list.is_empty() {
+                        self.interest.join(topic, self.index);
+                    }
+                    list.push(r);
+                }
+                self.ring_of.insert(set, r);
+                r
+            }
+        };
+        let (cursor, index) = self.rings[r as usize].join(key);
+        let c = &mut self.clients[key];
+        c.ring = Some(r);
+        c.sub_index = index;
+        c.out.cursor = cursor;
     }
 
-    fn unsubscribe(&mut self, topic: &Topic, key: usize) {
-        let Some(subs) = self.topics.get_mut(topic) else {
+    /// Takes a client off its ring (its backlog must have been moved out first if it is
+    /// still to be written). The last subscriber of a ring removes it, and a topic's last
+    /// ring its entry.
+    fn leave_ring(&mut self, key: usize) {
+        let c = &mut self.clients[key];
+        let Some(r) = c.ring.take() else {
             return;
         };
-        subs.swap_remove(&key);
-        if subs.is_empty() {
-            self.topics.remove(topic);
-            self.interest.leave(topic, self.index);
+        let (index, cursor) = (c.sub_index, c.out.cursor);
+        let ring = &mut self.rings[r as usize];
+        if let Some(moved) = ring.leave(index, cursor) {
+            self.clients[moved].sub_index = index;
         }
+        if !ring.subs.is_empty() {
+            if ring.is_behind() {
+                // A subscriber moved to this client's place may have been passed over by a
+                // flush in progress: the next round visits the ring again.
+                self.mark_ring_dirty(r);
+            }
+            return;
+        }
+        let ring = self.rings.remove(r as usize);
+        for topic in ring.topics.iter() {
+            if let Some(list) = self.topics.get_mut(topic) {
+                list.retain(|&x| x != r);
+                if list.is_empty() {
+                    self.topics.remove(topic);
+                    self.interest.leave(topic, self.index);
+                }
+            }
+        }
+        self.ring_of.remove(&ring.topics);
     }
-}
-
-/// A handle on `frame` whose reference count belongs to this shard alone: every other shard
-/// clones and drops the same frame at the same moment, and one shared count would bounce its
-/// cache line between their cores once per subscriber (`benches/engine.rs`,
-/// `shard_fanout_two_shards`). The payload is not copied: the new handle owns the old one.
-fn shard_handle(frame: Bytes) -> Bytes {
-    Bytes::from_owner(frame)
 }

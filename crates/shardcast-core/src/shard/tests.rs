@@ -12,7 +12,6 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, advance};
@@ -144,6 +143,7 @@ impl Harness {
             self.shard.handle(ShardMsg::Publish {
                 topic: self.topic.clone(),
                 frame: frame::encode(Opcode::Binary, &payload),
+                skip: None,
                 at: Instant::now(),
             });
         }
@@ -182,9 +182,12 @@ impl Harness {
         answer.try_recv().expect("the shard answers stats at once")
     }
 
-    /// Frames the shard holds for `peer`, `None` once it is freed.
-    fn queued_frames(&self, peer: &Peer) -> Option<usize> {
-        self.shard.client(peer.key, peer.id).map(|c| c.queue.len())
+    /// Whether the shard holds more than one frame's bytes for `peer` (false once freed).
+    fn backlogged(&self, peer: &Peer) -> bool {
+        let frame = frame::encode(Opcode::Binary, &[0; PAYLOAD]).len();
+        self.shard
+            .client(peer.key, peer.id)
+            .is_some_and(|c| c.out.unsent(self.shard.ring_of_client(c)) > frame)
     }
 
     fn is_freed(&self, peer: &Peer) -> bool {
@@ -203,6 +206,18 @@ impl Harness {
             self.pump().await;
         }
         panic!("no end of file after {ROUNDS} rounds: {:?}", peer.frames);
+    }
+
+    /// Reads `peer` until it has `n` frames, pumping the shard between reads; returns them.
+    async fn read_until(&mut self, peer: &mut Peer, n: usize) -> Vec<Frame> {
+        for _ in 0..ROUNDS {
+            peer.read();
+            if peer.frames.len() >= n {
+                return std::mem::take(&mut peer.frames);
+            }
+            self.pump().await;
+        }
+        panic!("not {n} frames after {ROUNDS} rounds: {:?}", peer.frames);
     }
 }
 
@@ -337,15 +352,12 @@ async fn slow_consumer_is_closed_with_4008_and_its_backlog_dropped() {
         .shard
         .client(peer.key, peer.id)
         .expect("closing, not freed");
-    assert!(!c.is_open());
-    assert!(
-        c.head_partial,
-        "the setup should leave a frame half-written"
-    );
+    assert!(!c.is_open() && c.ring.is_none());
     assert_eq!(
-        c.queue.len(),
+        c.out.side.len(),
         2,
-        "the half-written frame and the close frame"
+        "the rest of the half-written frame and the close frame (the setup should leave \
+         a frame half-written)"
     );
     let deliveries = h.stats().deliveries;
     h.publish();
@@ -445,7 +457,7 @@ async fn protocol_close_frees_a_client_that_never_drains_at_the_close_grace() {
     let tick = h.shard.tick;
     let mut peer = h.connect(true).await;
     // The client reads nothing: its kernel buffer fills and frames wait in the shard.
-    h.publish_until(1000, |h| h.queued_frames(&peer).unwrap_or(0) > 1);
+    h.publish_until(1000, |h| h.backlogged(&peer));
     h.handle(ShardMsg::Close {
         key: peer.key,
         id: peer.id,
@@ -489,9 +501,7 @@ async fn drain_closes_clients_at_an_even_pace_with_1001_after_their_backlog() {
         peers.push(h.connect(true).await);
     }
     // Every client has a backlog in the shard, behind a full kernel buffer.
-    h.publish_until(1000, |h| {
-        peers.iter().all(|p| h.queued_frames(p).unwrap_or(0) > 1)
-    });
+    h.publish_until(1000, |h| peers.iter().all(|p| h.backlogged(p)));
     let closing = |peers: &[Peer]| peers.iter().filter(|p| p.conn.is_closing()).count();
 
     let start = Instant::now();
@@ -599,7 +609,7 @@ async fn shutdown_closes_every_client_with_1001_at_once() {
     let tick = h.shard.tick;
     let mut reading = h.connect(false).await;
     let stuck = h.connect(true).await;
-    h.publish_until(1000, |h| h.queued_frames(&stuck).unwrap_or(0) > 1);
+    h.publish_until(1000, |h| h.backlogged(&stuck));
     let published = h.published;
     h.handle(ShardMsg::Shutdown);
     assert!(reading.conn.is_closing() && stuck.conn.is_closing());
@@ -619,29 +629,35 @@ async fn shutdown_closes_every_client_with_1001_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_drained_queue_keeps_its_slots_only_while_they_are_used() {
+async fn a_ring_whose_readers_keep_up_holds_no_bytes_and_hands_back_a_burst() {
     let mut h = Harness::new(EngineConfig::default());
-    let peer = h.connect(false).await;
-    let c = &mut h.shard.clients[peer.key];
-    let mut sent = 0;
-    let frame = Bytes::from_static(b"\x82\x01x");
-    for _ in 0..200 {
-        c.push(frame.clone());
-    }
-    assert!(matches!(c.write_some(&mut sent), Ok(super::Flush::Drained)));
-    assert_eq!((c.queue.len(), c.queued, sent), (0, 0, 600));
-    let burst = c.queue.capacity();
-    assert!(burst >= 200);
-    // A smaller burst that still uses a quarter of the slots keeps them.
-    for _ in 0..burst / 4 {
-        c.push(frame.clone());
-    }
-    assert!(matches!(c.write_some(&mut sent), Ok(super::Flush::Drained)));
-    assert_eq!(c.queue.capacity(), burst);
-    // A drain that finds them mostly unused hands them back.
-    c.push(frame.clone());
-    assert!(matches!(c.write_some(&mut sent), Ok(super::Flush::Drained)));
-    assert_eq!(c.queue.capacity(), 0);
+    let mut peer = h.connect(true).await;
+    let (key, id) = (peer.key, peer.id);
+    let ring = move |h: &Harness| {
+        let c = h.shard.client(key, id).expect("open");
+        let ring = h.shard.ring_of_client(c).expect("on a ring");
+        (ring.len(), ring.capacity())
+    };
+    // A burst larger than the kernel takes at once: the ring holds it until it is read.
+    h.publish_batch(200);
+    assert!(
+        ring(&h).0 > 0,
+        "the client cannot have taken 200 KB at once"
+    );
+    let frames = h.read_until(&mut peer, 200).await;
+    assert_eq!(frames, (0..200).map(Frame::Data).collect::<Vec<_>>());
+    let (len, burst) = ring(&h);
+    assert_eq!(len, 0, "every reader is at the head");
+    assert!(
+        burst >= 200 * PAYLOAD,
+        "the burst's capacity is kept for the next one"
+    );
+    // The next publish uses little of it: once read, the buffer is handed back.
+    h.publish();
+    assert_eq!(h.read_until(&mut peer, 1).await, [Frame::Data(200)]);
+    assert_eq!(ring(&h), (0, 0));
+    let c = h.shard.client(key, id).expect("open");
+    assert_eq!(c.out.side.capacity(), 0, "an idle client holds no buffer");
 }
 
 #[tokio::test(start_paused = true)]
