@@ -21,6 +21,8 @@ mod timers;
 
 #[cfg(feature = "internals")]
 mod fixture;
+#[cfg(any(test, feature = "internals"))]
+mod ring_model;
 #[cfg(test)]
 mod ring_tests;
 #[cfg(test)]
@@ -43,6 +45,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 #[cfg(feature = "internals")]
 pub use self::fixture::FanoutFixture;
+#[cfg(feature = "internals")]
+pub use self::ring_model::{RingModel, RingOp};
 use self::lifecycle::{CLOSE_GRACE, Phase, closing_reason};
 use self::queue::Flush;
 use self::ring::{Outbox, Ring};

@@ -244,8 +244,8 @@ impl Ring {
     }
 
     /// Checks the invariants that `behind` and the cursors keep, given every subscriber's
-    /// cursor (tests only).
-    #[cfg(test)]
+    /// cursor (tests and the ring model only).
+    #[cfg(any(test, feature = "internals"))]
     pub(super) fn assert_consistent(&self, cursors: &[u64]) {
         let head = self.head();
         assert_eq!(cursors.len(), self.subs.len());

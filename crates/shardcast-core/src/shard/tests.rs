@@ -689,3 +689,157 @@ async fn an_expiry_closes_its_client_with_4010_after_its_backlog_and_no_other() 
     assert_eq!(stats.disconnects.total(), 1);
     assert_eq!(stats.connections, 1);
 }
+
+/// The ring with its budget, on real sockets: random connects, publish batches, partial
+/// reads of random sizes and control frames. Every client reads exactly the frames published
+/// since it joined, in order and whole, or a prefix of them and 4008; a client is dropped
+/// only once more than the budget of what was sent to it is unread, and never holds more
+/// unread than the budget plus what the kernel buffers can hold.
+mod budget {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const BUDGET: usize = 16 * 1024;
+    /// Most a small socket pair's kernel buffers hold (generous: the kernel doubles
+    /// `SMALL_BUFFER` and counts its own overhead).
+    const KERNEL: usize = 64 * 1024;
+    /// One published frame on the wire.
+    const FRAME: usize = PAYLOAD + 4;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Connect,
+        Publish(usize),
+        /// Client (modulo their number), bytes it reads.
+        Read(usize, usize),
+        Ping(usize),
+        Pump,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            1 => Just(Op::Connect),
+            4 => (1..8usize).prop_map(Op::Publish),
+            4 => (0..8usize, 0..12_000usize).prop_map(|(c, n)| Op::Read(c, n)),
+            1 => (0..8usize).prop_map(Op::Ping),
+            1 => Just(Op::Pump),
+        ]
+    }
+
+    /// A client of the model: the test's end and what it should see.
+    struct Client {
+        peer: Peer,
+        /// The first sequence number it must read.
+        joined_at: u64,
+        /// Bytes the shard was given for it, and bytes it has read.
+        sent: usize,
+        read: usize,
+        pings: usize,
+        dropped: bool,
+    }
+
+    impl Client {
+        fn read_some(&mut self, max: usize) {
+            let mut chunk = vec![0u8; max];
+            let n = match self.peer.sock.read(&mut chunk) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+                Err(e) => panic!("client read failed: {e}"),
+            };
+            self.read += n;
+            self.peer.unparsed.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn run(ops: Vec<Op>) {
+        let mut h = Harness::new(EngineConfig {
+            send_queue_bytes: BUDGET,
+            ..EngineConfig::default()
+        });
+        let mut clients: Vec<Client> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Connect => {
+                    let peer = h.connect(true).await;
+                    clients.push(Client {
+                        peer,
+                        joined_at: h.published,
+                        sent: 0,
+                        read: 0,
+                        pings: 0,
+                        dropped: false,
+                    });
+                }
+                Op::Publish(n) => {
+                    for c in clients.iter_mut().filter(|c| !c.dropped) {
+                        c.sent += n * FRAME;
+                    }
+                    h.publish_batch(n);
+                }
+                Op::Read(i, n) if !clients.is_empty() => {
+                    let k = clients.len();
+                    clients[i % k].read_some(n);
+                }
+                Op::Ping(i) if !clients.is_empty() => {
+                    let k = clients.len();
+                    let c = &mut clients[i % k];
+                    if !c.dropped {
+                        let (key, id) = (c.peer.key, c.peer.id);
+                        let frame = frame::ping();
+                        c.sent += frame.len();
+                        c.pings += 1;
+                        h.handle(ShardMsg::Control { key, id, frame });
+                    }
+                }
+                Op::Pump => h.pump().await,
+                Op::Read(..) | Op::Ping(_) => {}
+            }
+            for c in clients.iter_mut().filter(|c| !c.dropped) {
+                let unread = c.sent - c.read;
+                if c.peer.conn.is_closing() {
+                    c.dropped = true;
+                    assert!(unread > BUDGET, "dropped with {unread} bytes unread");
+                } else {
+                    assert!(unread <= BUDGET + KERNEL + FRAME, "{unread} unread, not dropped");
+                }
+            }
+        }
+        h.shard.shutdown();
+        let dropped = h.stats().disconnects.get(DisconnectReason::SlowConsumer);
+        assert_eq!(dropped as usize, clients.iter().filter(|c| c.dropped).count());
+        let end = h.published;
+        for c in &mut clients {
+            let frames = h.read_to_end(&mut c.peer).await;
+            let pings = frames.iter().filter(|f| **f == Frame::Ping).count();
+            let mut data: Vec<_> = frames.into_iter().filter(|f| *f != Frame::Ping).collect();
+            let close = data.pop();
+            let expected: Vec<Frame> = (c.joined_at..end).map(Frame::Data).collect();
+            if c.dropped {
+                assert_eq!(close, Some(Frame::Close(close_code::SLOW_CONSUMER)));
+                assert!(expected.starts_with(&data), "not a prefix: {data:?}");
+                assert!(pings <= c.pings);
+            } else {
+                assert_eq!(close, Some(Frame::Close(close_code::GOING_AWAY)));
+                assert_eq!(data, expected);
+                assert_eq!(pings, c.pings);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn clients_get_their_frames_or_4008_past_the_budget(
+            ops in prop::collection::vec(op(), 1..120)
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .expect("a runtime");
+            rt.block_on(run(ops));
+        }
+    }
+}
