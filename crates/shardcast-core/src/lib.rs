@@ -48,5 +48,5 @@ pub use wheel::TimerWheel;
 #[cfg(feature = "internals")]
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::shard::{FanoutFixture, ShardMsg};
+    pub use crate::shard::{FanoutFixture, ShardMsg, SocketFixture};
 }

@@ -2,7 +2,7 @@
 //! `topic -> clients` index and its timer wheel. This file holds the shard's state, its run
 //! loop, its message handler, fan-out and flushing. Its parts live beside it: the per-client
 //! send queue in `queue.rs`, closes and slow consumers in `lifecycle.rs`, timers, the drain
-//! and shutdown in `timers.rs`, the bench fixture in `fixture.rs`, the unit tests in
+//! and shutdown in `timers.rs`, the bench fixtures in `fixture.rs`, the unit tests in
 //! `tests.rs`. Reading client sockets lives in the server crate; choosing shards and encoding
 //! frames live in `engine.rs` and `frame.rs`.
 //!
@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 #[cfg(feature = "internals")]
-pub use self::fixture::FanoutFixture;
+pub use self::fixture::{FanoutFixture, SocketFixture};
 use self::lifecycle::{CLOSE_GRACE, Phase, closing_reason};
 use self::queue::Flush;
 use self::timers::{Drain, Timer, TimerKind};
