@@ -1,22 +1,43 @@
-//! In-process engine micro-benchmarks, no sockets: a shard's fan-out of one publish to K
-//! subscribers' queues (K = 1k, 10k, 100k), two shards doing it at once on two threads, and
-//! the timer wheel inserting, touching and
-//! expiring 100k deadlines.
+//! Engine micro-benchmarks, in one process:
+//! - `shard_fanout/{1000,10000,100000}`: a shard's fan-out of one publish to K subscribers'
+//!   queues, no sockets; `shard_fanout_two_shards`: two shards doing it at once on two
+//!   threads.
+//! - `shard_fanout_sockets/10000`: the whole path of one 64-byte publish to 10,000
+//!   subscribers, each with a real socket (one end of a local socket pair): the publish and
+//!   the flush that writes it to every socket are timed, reading it back at the far ends is
+//!   not. 10,000 socket pairs take 20,000 descriptors; where the open-file limit (raised to
+//!   its hard limit at the start) cannot hold them, it runs 5,000 subscribers and is named
+//!   `shard_fanout_sockets/5000`.
+//! - `chat_round/200`: 200 clients on one topic each publish one 20-byte message, then one
+//!   flush writes the 40,000 deliveries; timed as above.
+//! - `timer_wheel`: inserting, touching and expiring 100k deadlines.
 //!
-//! Run with `cargo bench --bench engine`.
+//! The socket benches go through `SocketFixture`, whose calls name no shard internals, so
+//! they measure any engine behind them. Run with `cargo bench --bench engine`.
 
 use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
 use shardcast_core::TimerWheel;
-use shardcast_core::internals::FanoutFixture;
+use shardcast_core::internals::{FanoutFixture, SocketFixture};
 
 /// Publishes between two queue drains; the drain is not timed.
 const BURST: usize = 16;
 const PAYLOAD: usize = 64;
 const DEADLINES: u64 = 100_000;
+/// Subscribers of `shard_fanout_sockets`, and the fallback where the descriptors run short.
+const SOCKET_SUBSCRIBERS: usize = 10_000;
+const SOCKET_SUBSCRIBERS_FALLBACK: usize = 5_000;
+/// Descriptors beyond the socket pairs': standard streams, the runtime's, criterion's files.
+const FD_HEADROOM: u64 = 64;
+/// Clients of `chat_round`, and the payload each publishes per round.
+const CHAT_CLIENTS: usize = 200;
+const CHAT_PAYLOAD: usize = 20;
 
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("shard_fanout");
@@ -100,6 +121,61 @@ fn fanout_two_shards(c: &mut Criterion) {
     }
 }
 
+/// One publish of `PAYLOAD` bytes to `SOCKET_SUBSCRIBERS` sockets, written by one flush.
+fn fanout_sockets(c: &mut Criterion) {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    let k = if limit >= 2 * SOCKET_SUBSCRIBERS as u64 + FD_HEADROOM {
+        SOCKET_SUBSCRIBERS
+    } else {
+        eprintln!(
+            "shard_fanout_sockets: {limit} open files allowed, too few for \
+             {SOCKET_SUBSCRIBERS} socket pairs; measuring {SOCKET_SUBSCRIBERS_FALLBACK}"
+        );
+        SOCKET_SUBSCRIBERS_FALLBACK
+    };
+    let mut group = c.benchmark_group("shard_fanout_sockets");
+    group.throughput(Throughput::Elements(k as u64));
+    socket_rounds(&mut group, BenchmarkId::from_parameter(k), || {
+        SocketFixture::fanout(k, PAYLOAD)
+    });
+    group.finish();
+}
+
+/// `CHAT_CLIENTS` clients on one topic each publish once, then one flush: n² deliveries.
+fn chat_round(c: &mut Criterion) {
+    let n = CHAT_CLIENTS;
+    let mut group = c.benchmark_group("chat_round");
+    group.throughput(Throughput::Elements((n * n) as u64));
+    socket_rounds(&mut group, BenchmarkId::from_parameter(n), || {
+        SocketFixture::chat(n, CHAT_PAYLOAD)
+    });
+    group.finish();
+}
+
+/// Benches rounds of the fixture `build` makes (only if the filter selects `id`, and once):
+/// the publishes and the flush are timed, reading every far end back is not.
+fn socket_rounds(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: BenchmarkId,
+    build: impl Fn() -> SocketFixture,
+) {
+    let mut fixture = None;
+    group.bench_function(id, |b| {
+        let fixture = fixture.get_or_insert_with(&build);
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                fixture.round();
+                fixture.flush();
+                timed += start.elapsed();
+                black_box(fixture.read_all());
+            }
+            timed
+        });
+    });
+}
+
 fn wheel(c: &mut Criterion) {
     let mut group = c.benchmark_group("timer_wheel");
     group.throughput(Throughput::Elements(DEADLINES));
@@ -149,5 +225,12 @@ fn wheel(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fanout, fanout_two_shards, wheel);
+criterion_group!(
+    benches,
+    fanout,
+    fanout_two_shards,
+    fanout_sockets,
+    chat_round,
+    wheel
+);
 criterion_main!(benches);

@@ -48,5 +48,5 @@ pub use wheel::TimerWheel;
 #[cfg(feature = "internals")]
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::shard::{FanoutFixture, RingModel, RingOp, ShardMsg};
+    pub use crate::shard::{FanoutFixture, RingModel, RingOp, ShardMsg, SocketFixture};
 }

@@ -3,7 +3,7 @@
 //! its run loop, its message handler, fan-out and flushing. Its parts live beside it: the
 //! rings and each client's outbox in `ring.rs`, the write loop in `queue.rs`, closes and slow
 //! consumers in `lifecycle.rs`, timers, the drain and shutdown in `timers.rs`, the bench
-//! fixture in `fixture.rs`, the unit tests in `tests.rs`. Reading client sockets lives in the
+//! fixtures in `fixture.rs`, the unit tests in `tests.rs`. Reading client sockets lives in the
 //! server crate; choosing shards and encoding frames live in `engine.rs` and `frame.rs`.
 //!
 //! A publish appends its frame once to each ring whose topic set contains the topic; a
@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 #[cfg(feature = "internals")]
-pub use self::fixture::FanoutFixture;
+pub use self::fixture::{FanoutFixture, SocketFixture};
 #[cfg(feature = "internals")]
 pub use self::ring_model::{RingModel, RingOp};
 use self::lifecycle::{CLOSE_GRACE, Phase, closing_reason};
