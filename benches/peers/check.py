@@ -22,7 +22,7 @@ Run it with the venv's Python (it uses the `websockets` client):
 
     benches/peers/python/.venv/bin/python benches/peers/check.py [NAME ...]
 
-NAME is one of shardcast, bun, node-ws, nchan, gorilla, python. shardcast needs
+NAME is one of shardcast, refrelay, bun, node-ws, nchan, gorilla, python. shardcast needs
 `cargo build --release` first, the peers `benches/peers/install.sh`. Every wait is
 bounded; a server's stderr goes to a log file named in the output.
 """
@@ -46,7 +46,7 @@ except ImportError:
     sys.exit("needs the websockets client: run with benches/peers/python/.venv/bin/python")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALL = ["shardcast", "bun", "node-ws", "nchan", "gorilla", "python"]
+ALL = ["shardcast", "refrelay", "bun", "node-ws", "nchan", "gorilla", "python"]
 COLUMNS = ["path", "query", "binary", "query-pub", "http-text", "http-bin", "http-form",
            "isolation", "ping", "srv-ping", "slow-drop"]
 RECV_TIMEOUT = 3.0

@@ -27,7 +27,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
-SERVERS = ["shardcast", "bun", "node-ws", "nchan", "gorilla", "python"]
+SERVERS = ["shardcast", "refrelay", "bun", "node-ws", "nchan", "gorilla", "python"]
 CLK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Installs the peers of the shardcast comparison from the package registries and builds the
-# gorilla hub offline, then prints the versions. Idempotent: a peer already installed at the
+# gorilla hub offline and the C reference relay, then prints the versions. Idempotent: a peer already installed at the
 # pinned version is left alone.
 #
-#   benches/peers/install.sh [PEER...]     PEER: bun node-ws nchan gorilla python (default: all)
+#   benches/peers/install.sh [PEER...]     PEER: bun node-ws nchan gorilla python refrelay
+#                                          (default: all)
 #   benches/peers/install.sh --versions    only print the versions of what is installed
 #
-# Skip a peer with SKIP_BUN=1, SKIP_NODE_WS=1, SKIP_NCHAN=1, SKIP_GORILLA=1 or SKIP_PYTHON=1.
-# APT=0 never runs apt-get (the Debian packages must then be installed already). Sources:
-# npm (bun, ws; pinned in package.json and package-lock.json), PyPI (websockets, pinned in
-# python/requirements.txt), Debian (nginx-light, libnginx-mod-nchan, golang-go,
-# golang-github-gorilla-websocket-dev). Run as root for apt-get.
+# Skip a peer with SKIP_BUN=1, SKIP_NODE_WS=1, SKIP_NCHAN=1, SKIP_GORILLA=1, SKIP_PYTHON=1 or
+# SKIP_REFRELAY=1. APT=0 never runs apt-get (the Debian packages must then be installed
+# already). Sources: npm (bun, ws; pinned in package.json and package-lock.json), PyPI
+# (websockets, pinned in python/requirements.txt), Debian (nginx-light, libnginx-mod-nchan,
+# golang-go, golang-github-gorilla-websocket-dev; gcc and libc6-dev for refrelay, only if
+# gcc is missing). Run as root for apt-get.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-all=(bun node-ws nchan gorilla python)
+all=(bun node-ws nchan gorilla python refrelay)
 
 versions() {
     local v
@@ -35,6 +37,9 @@ versions() {
     fi
     if [[ -x "$here/python/.venv/bin/python" ]]; then
         echo "  python     $("$here/python/.venv/bin/python" -c 'import sys, websockets; print(f"websockets {websockets.__version__} on python {sys.version.split()[0]}")')"
+    fi
+    if [[ -x "$here/refrelay/bin/refrelay" ]]; then
+        echo "  refrelay   refrelay.c built with gcc $(gcc -dumpfullversion 2>/dev/null || echo '?') -O2"
     fi
 }
 
@@ -145,6 +150,12 @@ if selected python; then
         fi
     fi
     "$here/python/.venv/bin/pip" install -q --disable-pip-version-check -r "$here/python/requirements.txt"
+fi
+
+if selected refrelay; then
+    echo "== refrelay (C, built with gcc)"
+    command -v gcc > /dev/null || apt_install gcc libc6-dev
+    "$here/refrelay/build.sh"
 fi
 
 versions
