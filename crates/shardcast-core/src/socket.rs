@@ -5,10 +5,11 @@
 //! write (see [`Sealed`]).
 
 use std::fmt;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read};
 use std::net::Shutdown;
 use std::task::{Context, Poll};
 
+use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 
 /// A connection whose bytes are transformed on the way (TLS), seen as plain bytes, on one
@@ -55,9 +56,29 @@ impl Socket {
         }
     }
 
+    /// Reads what the kernel holds, without waiting. On TCP, a read that returns fewer bytes
+    /// than `buf` holds has emptied the receive queue, so it also clears the socket's read
+    /// readiness (through `try_io`, whose tick check keeps an edge that arrived meanwhile):
+    /// the reader then waits for the next edge instead of making one more read that can
+    /// only fail with `WouldBlock`, which halves the reads of a client that sends one
+    /// message at a time. End of file is never cleared: tokio keeps it in the readiness.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Self::Tcp(s) => s.try_read(buf),
+            Self::Tcp(s) => {
+                let mut short = None;
+                let result = s.try_io(Interest::READABLE, || {
+                    let n = (&*socket2::SockRef::from(s)).read(&mut *buf)?;
+                    if n > 0 && n < buf.len() {
+                        short = Some(n);
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                match short {
+                    Some(n) => Ok(n),
+                    None => result,
+                }
+            }
             Self::Sealed(s) => s.try_read(buf),
             Self::Local(s) => s.try_read(buf),
         }

@@ -45,11 +45,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 #[cfg(feature = "internals")]
 pub use self::fixture::{FanoutFixture, SocketFixture};
-#[cfg(feature = "internals")]
-pub use self::ring_model::{RingModel, RingOp};
 use self::lifecycle::{CLOSE_GRACE, Phase, closing_reason};
 use self::queue::Flush;
 use self::ring::{Outbox, Ring};
+#[cfg(feature = "internals")]
+pub use self::ring_model::{RingModel, RingOp};
 use self::timers::{Drain, Timer, TimerKind};
 use crate::config::EngineConfig;
 use crate::interest::Interest;
@@ -60,6 +60,8 @@ use crate::{DisconnectCounts, DisconnectReason, Topic};
 
 /// Inbox messages a shard handles before it flushes the clients they touched.
 const BATCH: usize = 256;
+/// Most yields a batch waits for publishes that keep coming (see `Shard::collect`).
+const YIELDS: usize = 8;
 /// Clients a shard flushes before it lets the other tasks on its thread run and takes the
 /// publishes they made meanwhile (see `Shard::flush_round`).
 const FLUSH_SLICE: usize = 256;
@@ -326,22 +328,30 @@ impl Shard {
     }
 
     /// Handles what waits in the inbox, up to `BATCH` messages in all (`handled` so far). Once
-    /// the inbox is empty, yields once so publishers running beside the shard can add to this
-    /// batch: each client is then written once for several frames instead of once per frame.
+    /// the inbox is empty, yields so publishers running beside the shard can add to this
+    /// batch, and again while a yield brought more (at most `YIELDS` times): each client is
+    /// then written once for several frames instead of once per frame. Messages that arrive
+    /// over a few event-loop turns (a chat room's clients all answering one message) join
+    /// one batch; a lone message costs one yield that brings nothing.
     async fn collect(&mut self, inbox: &mut mpsc::Receiver<ShardMsg>, mut handled: usize) {
-        let mut yielded = false;
-        while handled < BATCH {
-            match inbox.try_recv() {
-                Ok(msg) => {
-                    self.handle(msg);
-                    handled += 1;
+        let mut yields = 0;
+        loop {
+            let before = handled;
+            while handled < BATCH {
+                match inbox.try_recv() {
+                    Ok(msg) => {
+                        self.handle(msg);
+                        handled += 1;
+                    }
+                    Err(_) => break,
                 }
-                Err(_) if !yielded && self.has_dirty() => {
-                    yielded = true;
-                    tokio::task::yield_now().await;
-                }
-                Err(_) => break,
             }
+            let dry = yields > 0 && handled == before;
+            if dry || handled >= BATCH || yields == YIELDS || !self.has_dirty() {
+                break;
+            }
+            yields += 1;
+            tokio::task::yield_now().await;
         }
     }
 

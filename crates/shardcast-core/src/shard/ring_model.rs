@@ -294,4 +294,3 @@ impl RingModel {
         }
     }
 }
-

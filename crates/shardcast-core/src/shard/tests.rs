@@ -801,13 +801,19 @@ mod budget {
                     c.dropped = true;
                     assert!(unread > BUDGET, "dropped with {unread} bytes unread");
                 } else {
-                    assert!(unread <= BUDGET + KERNEL + FRAME, "{unread} unread, not dropped");
+                    assert!(
+                        unread <= BUDGET + KERNEL + FRAME,
+                        "{unread} unread, not dropped"
+                    );
                 }
             }
         }
         h.shard.shutdown();
         let dropped = h.stats().disconnects.get(DisconnectReason::SlowConsumer);
-        assert_eq!(dropped as usize, clients.iter().filter(|c| c.dropped).count());
+        assert_eq!(
+            dropped as usize,
+            clients.iter().filter(|c| c.dropped).count()
+        );
         let end = h.published;
         for c in &mut clients {
             let frames = h.read_to_end(&mut c.peer).await;
