@@ -716,8 +716,6 @@ impl Shard {
 
     /// Writes what the client has to write; parks a readiness future if the kernel is full.
     fn flush(&mut self, key: usize) {
-        let now = self.now_tick();
-        let write_timeout = self.ticks(self.config.write_timeout);
         let c = &mut self.clients[key];
         if c.stream.is_none() {
             return;
@@ -727,7 +725,9 @@ impl Shard {
         if !c.doomed {
             self.peak_client_queued = self.peak_client_queued.max(before);
         }
-        match c.write_some(ring.as_deref_mut(), &mut self.bytes_sent) {
+        let result = c.write_some(ring.as_deref_mut(), &mut self.bytes_sent);
+        let progress = c.out.unsent(ring.as_deref()) < before;
+        match result {
             Ok(Flush::Drained) => {
                 c.stalled_since = None;
                 if !c.is_open() {
@@ -735,9 +735,14 @@ impl Shard {
                 }
             }
             Ok(Flush::Blocked) => {
+                // The clock is read only here: a flush that drains (the common case, once
+                // per subscriber per round) needs no time.
+                let now = self.now_tick();
+                let write_timeout = self.ticks(self.config.write_timeout);
+                let c = &mut self.clients[key];
                 let id = c.id;
                 let first_stall = c.stalled_since.is_none();
-                if first_stall || c.out.unsent(ring.as_deref()) < before {
+                if first_stall || progress {
                     c.stalled_since = Some(now);
                 }
                 if !c.write_check_pending {

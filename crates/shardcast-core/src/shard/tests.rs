@@ -99,6 +99,25 @@ impl Harness {
 
     /// `connect`, with an expiry: the shard closes the client with 4010 at `expires`.
     async fn connect_until(&mut self, small: bool, expires: Option<Instant>) -> Peer {
+        let topics = Box::new([self.topic.clone()]);
+        self.connect_with(small, expires, topics).await
+    }
+
+    /// A client subscribed to `topics` (a default socket, no expiry).
+    async fn connect_to(&mut self, topics: &[&str]) -> Peer {
+        let topics = topics
+            .iter()
+            .map(|t| Topic::new(t).expect("a valid topic"))
+            .collect();
+        self.connect_with(false, None, topics).await
+    }
+
+    async fn connect_with(
+        &mut self,
+        small: bool,
+        expires: Option<Instant>,
+        topics: Box<[Topic]>,
+    ) -> Peer {
         let id = self.next_id;
         self.next_id += 1;
         let conn = Arc::new(ConnShared::default());
@@ -106,7 +125,7 @@ impl Harness {
         let (reply, mut answer) = oneshot::channel();
         self.shard.handle(ShardMsg::Reserve {
             id,
-            topics: Box::new([self.topic.clone()]),
+            topics,
             conn: Arc::clone(&conn),
             guard: Box::new(Arc::clone(&admission)),
             expires,
@@ -148,6 +167,20 @@ impl Harness {
             });
         }
         self.shard.end_batch();
+    }
+
+    /// Publishes the next numbered frame to `topic`, not to the client `skip` (its id), and
+    /// flushes.
+    fn publish_to(&mut self, topic: &str, skip: Option<u64>) {
+        let mut payload = vec![0u8; PAYLOAD];
+        payload[..8].copy_from_slice(&self.published.to_be_bytes());
+        self.published += 1;
+        self.handle(ShardMsg::Publish {
+            topic: Topic::new(topic).expect("a valid topic"),
+            frame: frame::encode(Opcode::Binary, &payload),
+            skip,
+            at: Instant::now(),
+        });
     }
 
     /// Publishes until `done`, at most `limit` frames.
@@ -688,6 +721,50 @@ async fn an_expiry_closes_its_client_with_4010_after_its_backlog_and_no_other() 
     let stats = h.stats();
     assert_eq!(stats.disconnects.total(), 1);
     assert_eq!(stats.connections, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_publish_that_skips_one_client_reaches_every_other() {
+    let mut h = Harness::new(EngineConfig::default());
+    let mut sender = h.connect(false).await;
+    let mut other = h.connect(false).await;
+    h.publish_to("t", Some(sender.id));
+    h.publish_to("t", None);
+    // Both frames sit in one ring; the sender's write steps over the first.
+    h.publish_to("t", Some(sender.id));
+    assert_eq!(
+        h.read_until(&mut other, 3).await,
+        (0..3).map(Frame::Data).collect::<Vec<_>>()
+    );
+    assert_eq!(h.read_until(&mut sender, 1).await, [Frame::Data(1)]);
+    h.pump().await;
+    assert_eq!(sender.take(), NOTHING, "the skipped frames never reach it");
+    assert_eq!(h.stats().queued_bytes, 0, "nothing left for anyone");
+}
+
+#[tokio::test(start_paused = true)]
+async fn clients_on_several_topics_get_each_publish_once_in_publish_order() {
+    let mut h = Harness::new(EngineConfig::default());
+    let mut on_a = h.connect_to(&["a"]).await;
+    let mut on_ab = h.connect_to(&["a", "b"]).await;
+    let mut on_b = h.connect_to(&["b"]).await;
+    // The same set in another order, and a duplicate: the same ring as `on_ab`.
+    let mut on_ba = h.connect_to(&["b", "a", "b"]).await;
+    assert_eq!(h.shard.rings.len(), 3, "one ring per distinct topic set");
+    for topic in ["a", "b", "a", "a", "b"] {
+        h.publish_to(topic, None);
+    }
+    let data = |ns: &[u64]| ns.iter().map(|&n| Frame::Data(n)).collect::<Vec<_>>();
+    assert_eq!(h.read_until(&mut on_a, 3).await, data(&[0, 2, 3]));
+    assert_eq!(h.read_until(&mut on_b, 2).await, data(&[1, 4]));
+    assert_eq!(h.read_until(&mut on_ab, 5).await, data(&[0, 1, 2, 3, 4]));
+    assert_eq!(h.read_until(&mut on_ba, 5).await, data(&[0, 1, 2, 3, 4]));
+    // Rings and topics go with their last subscriber.
+    for peer in [&on_a, &on_ab, &on_b, &on_ba] {
+        h.handle(peer.gone());
+    }
+    assert!(h.shard.rings.is_empty() && h.shard.topics.is_empty());
+    assert!(h.engine.interest().is_empty());
 }
 
 /// The ring with its budget, on real sockets: random connects, publish batches, partial
