@@ -80,7 +80,8 @@ pub struct Stats {
     pub queued_bytes: usize,
     /// The most bytes any single client ever had queued.
     pub peak_client_queued_bytes: usize,
-    /// Frames pushed onto client queues.
+    /// Frames delivered: each frame appended to a ring, counted once per subscriber the ring
+    /// had then (an excluded client included).
     pub deliveries: u64,
     /// Disconnects, by reason.
     pub disconnects: DisconnectCounts,

@@ -192,7 +192,7 @@ impl Collector for Snapshot {
         counter(
             &mut enc,
             "deliveries",
-            "Frames pushed onto client send queues",
+            "Frames delivered: each frame appended to a ring, once per subscriber of the ring",
             None,
             s.deliveries,
         )?;
