@@ -406,7 +406,8 @@ impl Outbox {
     /// Takes the client off its ring's bytes for a close: what it still has to receive from
     /// the ring (everything, or only the rest of a half-written frame) moves into the side
     /// queue, in order with the side frames. `all: false` (a slow consumer) also drops every
-    /// side frame but a half-written one.
+    /// side frame but a half-written one. The cursor is left where it was: the caller then
+    /// takes the client off the ring with it (`Ring::leave` needs it to count `behind`).
     pub(super) fn detach(&mut self, ring: &Ring, id: u64, all: bool) {
         if !all {
             let keep = usize::from(self.side_partial);
