@@ -6,10 +6,10 @@
 //! `check_ring` and `enqueue_control`; `lifecycle.rs`), readiness futures and write timeouts
 //! (`mod.rs`, `Shard::flush`), and which ring a client reads (`mod.rs`).
 
-use std::io::{self, IoSlice};
+use std::io;
 
 use super::Client;
-use super::ring::{IOV, Ring};
+use super::ring::Ring;
 
 pub(super) enum Flush {
     Drained,
@@ -28,33 +28,20 @@ impl Client {
         let Some(stream) = self.stream.as_ref() else {
             return Ok(Flush::Blocked);
         };
-        if let Some(r) = ring.as_deref_mut()
-            && self.out.skip_own(r, self.id)
-        {
-            r.caught_up();
-        }
         loop {
-            let result = {
-                let mut iov = [IoSlice::new(&[]); IOV];
-                let n = self.out.gather(ring.as_deref(), self.id, &mut iov);
-                match n {
-                    0 => break,
+            let step = self
+                .out
+                .write_step(ring.as_deref_mut(), self.id, |iov| match iov {
                     // The common case: one slice, a plain `write`.
-                    1 => stream.try_write(&iov[0]),
-                    _ => stream.try_write_vectored(&iov[..n]),
-                }
-            };
-            let written = match result {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(w) => w,
+                    [one] => stream.try_write(one),
+                    _ => stream.try_write_vectored(iov),
+                });
+            match step {
+                Ok(None) => break,
+                Ok(Some(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Some(w)) => *sent += w as u64,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flush::Blocked),
                 Err(e) => return Err(e),
-            };
-            *sent += written as u64;
-            if self.out.consume(ring.as_deref(), self.id, written)
-                && let Some(r) = ring.as_deref_mut()
-            {
-                r.caught_up();
             }
         }
         // A sealed (TLS) stream may still hold the output of the last write: the client is

@@ -16,7 +16,7 @@
 //! belongs to and when a slow consumer is judged (`mod.rs`), closes (`lifecycle.rs`).
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 
 use bytes::{Buf, Bytes};
 
@@ -24,7 +24,7 @@ use crate::Topic;
 
 /// Most slices handed to one vectored write. A ring backlog is one slice (more only around
 /// frames the client is excluded from), so this bounds the side queue's share.
-pub(super) const IOV: usize = 32;
+const IOV: usize = 32;
 
 /// A frame one client must not receive (a publish that excludes its sender).
 #[derive(Debug, Clone, Copy)]
@@ -289,9 +289,41 @@ impl Outbox {
         self.side.push_back(frame);
     }
 
+    /// One write of what the client has left, through `write` (which gets the slices in
+    /// order and returns how many bytes it took, as `writev` does): the cursor steps over
+    /// frames excluded for `id`, the write's bytes are accounted, and the ring is told when
+    /// the cursor reaches its head. `Ok(None)`: nothing was left to write. The shard's write
+    /// loop (`queue.rs`) and the ring model both go through here.
+    pub(super) fn write_step(
+        &mut self,
+        mut ring: Option<&mut Ring>,
+        id: u64,
+        write: impl FnOnce(&[IoSlice<'_>]) -> io::Result<usize>,
+    ) -> io::Result<Option<usize>> {
+        if let Some(r) = ring.as_deref_mut()
+            && self.skip_own(r, id)
+        {
+            r.caught_up();
+        }
+        let written = {
+            let mut iov = [IoSlice::new(&[]); IOV];
+            let n = self.gather(ring.as_deref(), id, &mut iov);
+            if n == 0 {
+                return Ok(None);
+            }
+            write(&iov[..n])?
+        };
+        if self.consume(ring.as_deref(), id, written)
+            && let Some(r) = ring
+        {
+            r.caught_up();
+        }
+        Ok(Some(written))
+    }
+
     /// Moves the cursor past frames excluded for `id`. Returns true if that brought it from
     /// behind the head to the head (the caller tells the ring).
-    pub(super) fn skip_own(&mut self, ring: &Ring, id: u64) -> bool {
+    fn skip_own(&mut self, ring: &Ring, id: u64) -> bool {
         let before = self.cursor;
         self.cursor = ring.skip_own(before, id);
         before < ring.head() && self.cursor == ring.head()
@@ -331,7 +363,7 @@ impl Outbox {
     }
 
     /// Fills `iov` with the next write's slices; returns how many.
-    pub(super) fn gather<'a>(
+    fn gather<'a>(
         &'a self,
         ring: Option<&'a Ring>,
         id: u64,
@@ -351,7 +383,7 @@ impl Outbox {
 
     /// Accounts `written` bytes of the write `gather` prepared. Returns true if the cursor
     /// reached the ring's head from behind it (the caller tells the ring).
-    pub(super) fn consume(&mut self, ring: Option<&Ring>, id: u64, mut written: usize) -> bool {
+    fn consume(&mut self, ring: Option<&Ring>, id: u64, mut written: usize) -> bool {
         let before = self.cursor;
         let mut pieces = [Piece::Side(0); IOV];
         let mut n = 0;

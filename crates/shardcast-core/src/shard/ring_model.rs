@@ -6,11 +6,10 @@
 //! and the `ring` fuzz target drive it. The budget and 4008 are the shard's (`tests.rs`
 //! drives them on sockets). Compiled for tests and with feature `internals` only.
 
-use std::io::IoSlice;
-
-use super::ring::{IOV, Outbox, Ring};
+use super::ring::{Outbox, Ring};
+use crate::Topic;
+use crate::frame::pong;
 use crate::frame::{self, Opcode};
-use crate::{Topic, frame::pong};
 
 /// One step of the model.
 #[derive(Debug, Clone)]
@@ -107,29 +106,25 @@ impl RingModel {
         (n > 0).then(|| i % n)
     }
 
-    fn ring_for(&self, i: usize) -> Option<&Ring> {
-        (!self.clients[i].detached).then_some(&self.ring)
+    fn ring_for(&self, c: &Model) -> Option<&Ring> {
+        (!c.detached).then_some(&self.ring)
     }
 
     /// The kernel takes up to `n` bytes of client `i`'s next write.
     fn write(&mut self, i: usize, n: usize) {
-        let detached = self.clients[i].detached;
         let c = &mut self.clients[i];
-        if !detached && c.out.skip_own(&self.ring, c.id) {
-            self.ring.caught_up();
-        }
-        let ring = (!detached).then_some(&self.ring);
-        let mut iov = [IoSlice::new(&[]); IOV];
-        let k = c.out.gather(ring, c.id, &mut iov);
-        let mut taken = 0;
-        for s in &iov[..k] {
-            let t = s.len().min(n - taken);
-            c.received.extend_from_slice(&s[..t]);
-            taken += t;
-        }
-        if c.out.consume(ring, c.id, taken) && !detached {
-            self.ring.caught_up();
-        }
+        let ring = (!c.detached).then_some(&mut self.ring);
+        let received = &mut c.received;
+        let step = c.out.write_step(ring, c.id, |iov| {
+            let mut taken = 0;
+            for s in iov {
+                let t = s.len().min(n - taken);
+                received.extend_from_slice(&s[..t]);
+                taken += t;
+            }
+            Ok(taken)
+        });
+        step.expect("the model's writes never fail");
     }
 
     fn cursors(&self) -> Vec<u64> {
@@ -232,45 +227,38 @@ impl RingModel {
         }
         self.ring.assert_consistent(&self.cursors());
         for c in &self.clients {
-            let unsent = c.out.unsent(self.ring_for_model(c));
+            let unsent = c.out.unsent(self.ring_for(c));
             let side: usize = c.out.side.iter().map(|f| f.len()).sum();
             assert_eq!(side, c.out.side_bytes, "side_bytes");
             assert!(unsent >= side);
         }
     }
 
-    fn ring_for_model(&self, c: &Model) -> Option<&Ring> {
-        (!c.detached).then_some(&self.ring)
-    }
-
     /// Writes everything every client has left, then checks what each read.
     pub fn finish(mut self) {
         for i in 0..self.clients.len() {
             for _ in 0..10_000 {
-                if self.clients[i].out.unsent(self.ring_for(i)) == 0 {
+                if self.clients[i].out.unsent(self.ring_for(&self.clients[i])) == 0 {
                     break;
                 }
                 self.write(i, usize::MAX);
             }
-            assert_eq!(self.clients[i].out.unsent(self.ring_for(i)), 0);
+            assert_eq!(
+                self.clients[i].out.unsent(self.ring_for(&self.clients[i])),
+                0
+            );
         }
         self.ring.assert_consistent(&self.cursors());
         for c in &self.clients {
             let reads = parse(&c.received);
-            let data: Vec<u32> = reads
-                .iter()
-                .filter_map(|r| match r {
-                    Read::Data(n) => Some(*n),
-                    _ => None,
-                })
-                .collect();
-            let pongs: Vec<u32> = reads
-                .iter()
-                .filter_map(|r| match r {
-                    Read::Pong(n) => Some(*n),
-                    _ => None,
-                })
-                .collect();
+            let (mut data, mut pongs) = (Vec::new(), Vec::new());
+            for r in &reads {
+                match r {
+                    Read::Data(n) => data.push(*n),
+                    Read::Pong(n) => pongs.push(*n),
+                    Read::Close => {}
+                }
+            }
             match c.closed {
                 Some(false) => {
                     // A slow consumer's backlog is cut: a prefix, whole frames, then close.
